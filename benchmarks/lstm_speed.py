@@ -1,0 +1,91 @@
+"""GateLSTM vs nn.LSTM speed, as ratios measured in the same process.
+
+    python benchmarks/lstm_speed.py [--reps 10] [--threads 2]
+
+Rows are timed interleaved (one rep of each in turn), medians after warm-up, so machine noise
+hits every row alike. Targets on a 2-core CPU: GateLSTM train step <= 1.05x nn.LSTM's;
+forward with traces <= 2.5x nn.LSTM's forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from pipeline.lstm import GateLSTM, reference_lstm
+
+
+def rows(batch: int, seq: int, inp: int, hidden: int, device: str):
+    torch.manual_seed(0)
+    ref = nn.LSTM(inp, hidden, batch_first=True).to(device)
+    ours = GateLSTM(inp, hidden).to(device)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(batch, seq, inp, device=device)
+
+    def train_step(m):
+        def run():
+            out = m(x)[0]
+            out.sum().backward()
+        return run
+
+    def forward(m, **kw):
+        def run():
+            with torch.no_grad():
+                m(x, **kw)
+        return run
+
+    def naive():
+        with torch.no_grad():
+            reference_lstm(ours, x)
+
+    return {
+        "nn.LSTM forward+backward": train_step(ref),
+        "GateLSTM forward+backward": train_step(ours),
+        "nn.LSTM forward": forward(ref),
+        "GateLSTM forward with traces": forward(ours, return_gates=True),
+        "per-step loop with gates (forward)": naive,
+    }
+
+
+def measure(fns: dict, reps: int, device: str) -> dict[str, float]:
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    times = {name: [] for name in fns}
+    for rep in range(reps + 2):  # two warm-up rounds
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            if rep >= 2:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--sizes", default="64x100x64x256,64x1000x64x256",
+                    help="batch x seq x input x hidden, comma-separated")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, reps {args.reps}")
+    for size in args.sizes.split(","):
+        b, t, i, h = (int(v) for v in size.split("x"))
+        med = measure(rows(b, t, i, h, args.device), args.reps, args.device)
+        train_ref, fwd_ref = med["nn.LSTM forward+backward"], med["nn.LSTM forward"]
+        print(f"\n(batch {b}, seq {t}, input {i}, hidden {h})")
+        print("| row | median ms | ratio |")
+        print("|---|---:|---:|")
+        for name, sec in med.items():
+            base = train_ref if "backward" in name else fwd_ref
+            print(f"| {name} | {sec * 1e3:.1f} | {sec / base:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
