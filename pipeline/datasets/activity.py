@@ -1,0 +1,68 @@
+"""activity: BasicMotions smartwatch clips (UEA archive, bundled in aeon) joined into streams.
+
+A clip is 100 steps of 6 channels (3-axis accelerometer and gyroscope) of one activity.
+aeon's training clips are split into train/val clips first (seeded, stratified); test uses
+aeon's test clips only, so no clip is in two splits. A stream is `clips_per_stream` clips of
+its split drawn at random (seeded), joined along time, with the activity at every step.
+Channels are normalised with the training clips' mean and std (stored in the vocab).
+
+    x (N, T, 6) float32, y (N, T) int64, lengths (N,) int64 (all T: streams are equal length)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.config import ActivityData
+from pipeline.datasets.common import require_module, source, split_indices
+from pipeline.datasets.prepared import Prepared
+
+
+def load(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(clips (N, 100, 6) float64, string labels (N,)) of aeon's split."""
+    datasets = require_module("aeon.datasets", "pip install aeon")
+    clips, labels = datasets.load_basic_motions(split=split)  # (N, 6, 100)
+    return np.asarray(clips, dtype=np.float64).transpose(0, 2, 1), np.asarray(labels).astype(str)
+
+
+def streams(clips: np.ndarray, y: np.ndarray, count: int, per_stream: int, rng: np.random.Generator) -> dict:
+    """`count` streams of `per_stream` clips each, drawn without replacement within a stream."""
+    picks = [rng.choice(len(clips), size=per_stream, replace=len(clips) < per_stream) for _ in range(count)]
+    steps = clips.shape[1]
+    x = np.stack([np.concatenate(clips[p]) for p in picks]).astype(np.float32)
+    labels = np.stack([np.repeat(y[p], steps) for p in picks]).astype(np.int64)
+    return {"x": x, "y": labels, "lengths": np.full(count, x.shape[1], dtype=np.int64)}
+
+
+def build(cfg: ActivityData, seed: int) -> Prepared:
+    train_clips, train_names = load("train")
+    test_clips, test_names = load("test")
+    labels = sorted({*train_names, *test_names})
+    train_y = np.array([labels.index(n) for n in train_names], dtype=np.int64)
+    test_y = np.array([labels.index(n) for n in test_names], dtype=np.int64)
+
+    rng = np.random.default_rng(seed)
+    parts = split_indices(len(train_y), cfg.val_fraction, 0.0, rng, labels=train_y)
+    fit = train_clips[parts["train"]]
+    mean, std = fit.mean(axis=(0, 1)), fit.std(axis=(0, 1))
+    std = np.where(std > 0, std, 1.0)
+    norm = {
+        "train": ((fit - mean) / std, train_y[parts["train"]], cfg.train_streams),
+        "val": ((train_clips[parts["val"]] - mean) / std, train_y[parts["val"]], cfg.val_streams),
+        "test": ((test_clips - mean) / std, test_y, cfg.test_streams),
+    }
+    splits = {split: streams(c, y, n, cfg.clips_per_stream, rng) for split, (c, y, n) in norm.items()}
+    return Prepared(
+        splits=splits,
+        vocab={"labels": labels, "mean": mean.tolist(), "std": std.tolist()},
+        source=source(
+            "aeon",
+            "UEA/UCR Time Series Archive terms (free for research, cite the archive); aeon BSD-3-Clause",
+            "BasicMotions smartwatch clips (UEA archive) from aeon.datasets, joined into labelled streams.",
+        ),
+        stats={
+            "unit": "streams",
+            "clips": {"train": len(parts["train"]), "val": len(parts["val"]), "test": len(test_y)},
+            "clips_per_stream": cfg.clips_per_stream,
+        },
+    )

@@ -1,0 +1,48 @@
+"""Stage `prepare`: build one task's data from its package and save it to data/prepared/<task>.
+
+numpy only: no torch, no Lightning. The task registry names the data module; the module's
+`build(cfg, seed)` returns a `Prepared`, written atomically by `save_prepared`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.config import Params
+from pipeline.datasets.prepared import SPLITS, save_prepared
+from pipeline.tasks import get_task
+
+PREPARED_ROOT = Path("data/prepared")
+
+
+def vocab_sizes(vocab: dict) -> dict[str, int]:
+    """Sizes of the vocab's string lists (tokens, labels, chars), not of its numbers (mean, std)."""
+    return {
+        key: len(value)
+        for key, value in sorted(vocab.items())
+        if isinstance(value, list) and all(isinstance(v, str) for v in value)
+    }
+
+
+def prepare(task: str, params: Params, root: str | Path = PREPARED_ROOT) -> dict:
+    """Build `task`'s data with `params` and save it to root/task; return the manifest."""
+    module = get_task(task).data_module
+    prepared = module.build(params.task(task).data, params.seed)
+    prepared.stats = {**prepared.stats, "vocab_sizes": vocab_sizes(prepared.vocab)}
+    return save_prepared(prepared, Path(root) / task)
+
+
+def summary(task: str, manifest: dict) -> str:
+    """One line: counts per split, sequence lengths, vocabulary sizes, source, hash."""
+    counts = manifest.get("counts", {})
+    unit = manifest.get("unit", "samples")
+    parts = [f"{task}: " + " / ".join(f"{s} {counts[s]:,}" for s in SPLITS if s in counts) + f" {unit}"]
+    if lengths := manifest.get("sequence_lengths", {}).get("train"):
+        parts.append(f"train length {lengths['min']}-{lengths['max']} (mean {lengths['mean']})")
+    if sizes := manifest.get("vocab_sizes"):
+        parts.append("vocab " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
+    src = manifest.get("source", {})
+    if src:
+        parts.append(f"from {src.get('package')} {src.get('version')}")
+    parts.append(f"sha256 {manifest.get('content_sha256', '')[:12]}")
+    return "; ".join(parts)
