@@ -1,0 +1,111 @@
+"""What every topology shares: the GateLSTM core, inputs, heads, the loss over a global batch,
+the NaN guard, the optimizer, and per-epoch seeding.
+
+A subclass says how a batch becomes (summed loss, number of predictions) in `loss_terms`, and
+how a batch becomes a GateTrace in `trace`. Everything else is here, once.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.config import ModelConfig, PipelineError, TrainConfig
+from pipeline.lstm import GateLSTM, GateTrace
+
+
+class NonFiniteLossError(PipelineError):
+    pass
+
+
+def token_embedding(num_tokens: int, cfg: ModelConfig) -> nn.Embedding:
+    return nn.Embedding(num_tokens, cfg.embedding_dim, padding_idx=0)  # id 0 is padding everywhere
+
+
+def core(input_size: int, cfg: ModelConfig) -> GateLSTM:
+    return GateLSTM(input_size, cfg.hidden_size, cfg.num_layers, dropout=cfg.dropout if cfg.num_layers > 1 else 0.0)
+
+
+def head(cfg: ModelConfig, num_outputs: int) -> nn.Sequential:
+    return nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden_size, num_outputs))
+
+
+def masked_cross_entropy(logits: Tensor, target: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Summed cross-entropy over the positions where mask is True, and their count."""
+    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
+    if mask is None:
+        return losses.sum(), torch.tensor(losses.numel(), device=losses.device)
+    mask = mask.reshape(-1)
+    return losses[mask].sum(), mask.sum()
+
+
+def pick_token(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
+               generator: torch.Generator | None = None) -> Tensor:
+    """Next token from (B, V) logits: greedy at temperature 0, else softmax(logits / T) over the top k."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
+
+
+class RecurrentModule(L.LightningModule):
+    """Base LightningModule. Hyper-parameters are plain JSON-able dicts, so a model is rebuilt from
+    its config.json plus a weights file, with no pickled objects anywhere."""
+
+    def __init__(self, vocab: dict, dims: dict, model: dict, train: dict):
+        super().__init__()
+        self.save_hyperparameters()
+        self.vocab, self.dims = vocab, dims
+        self.model_cfg, self.train_cfg = ModelConfig(**model), TrainConfig(**train)
+        self._base_seed = torch.initial_seed()  # seed_everything ran before us: the run's seed
+
+    # --- per topology -----------------------------------------------------------------------
+
+    def loss_terms(self, batch: dict) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def trace(self, batch: dict) -> GateTrace:
+        raise NotImplementedError
+
+    # --- shared training logic ----------------------------------------------------------------
+
+    def _global_mean(self, total: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
+        """The loss to backpropagate and the global batch's mean loss to log.
+
+        DDP averages gradients over ranks, so each rank backpropagates total * world / global
+        count: the gradient is then the one of the whole global batch's mean, even when ranks
+        hold different numbers of steps (variable lengths)."""
+        count = count.to(total.dtype)
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world == 1:
+            mean = total / count
+            return mean, mean.detach()
+        both = self.all_gather(torch.stack([total.detach(), count])).reshape(world, 2).sum(0)
+        return total * world / both[1], both[0] / both[1]
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        loss, value = self._global_mean(*self.loss_terms(batch))
+        if not torch.isfinite(value):
+            raise NonFiniteLossError(
+                f"train_loss is {value.item()} at step {self.global_step} (epoch {self.current_epoch}): "
+                "lower train.lr or set train.gradient_clip_val")
+        self.log("train_loss", value, on_step=True, on_epoch=False, prog_bar=True, batch_size=1)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        total, count = self.loss_terms(batch)
+        self.log("val_loss", total / count, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True,
+                 batch_size=int(count))
+
+    def on_train_epoch_start(self) -> None:
+        # Dropout masks depend only on (seed, epoch, rank): a run resumed at an epoch boundary
+        # draws exactly what the uninterrupted run drew.
+        torch.manual_seed(self._base_seed + 7919 * (self.current_epoch + 1) + self.global_rank)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.train_cfg.lr, weight_decay=self.train_cfg.weight_decay)

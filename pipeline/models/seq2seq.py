@@ -1,0 +1,114 @@
+"""seq2seq: a GateLSTM encoder reads the source; a GateLSTM decoder writes the target.
+
+The decoder starts from the encoder's final state and, with `attention` (Luong et al. 2015,
+dot score), looks back at every encoder state at each step. Training uses teacher forcing;
+decoding is greedy or beam search.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.models.base import RecurrentModule, core, masked_cross_entropy, token_embedding
+
+BOS, EOS = 2, 3  # prepared translation vocabularies: <pad>, <unk>, <bos>, <eos>
+
+
+class Seq2Seq(RecurrentModule):
+    def __init__(self, vocab: dict, dims: dict, model: dict, train: dict):
+        super().__init__(vocab, dims, model, train)
+        cfg = self.model_cfg
+        self.src_embed = token_embedding(len(vocab["src_tokens"]), cfg)
+        self.tgt_embed = token_embedding(len(vocab["tgt_tokens"]), cfg)
+        self.encoder = core(cfg.embedding_dim, cfg)
+        self.decoder = core(cfg.embedding_dim, cfg)
+        # attention: combine the decoder state with its context vector (Luong's "attentional hidden state")
+        self.combine = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size) if cfg.attention else None
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.out = nn.Linear(cfg.hidden_size, len(vocab["tgt_tokens"]))
+
+    @property
+    def lstm(self):  # the core evaluation traces (the decoder writes the words)
+        return self.decoder
+
+    def encode(self, src: Tensor, src_lengths: Tensor):
+        memory, state = self.encoder(self.src_embed(src), lengths=src_lengths)
+        src_mask = torch.arange(src.shape[1], device=src.device)[None, :] < src_lengths[:, None]
+        return memory, state, src_mask
+
+    def decode_steps(self, tgt_in: Tensor, state, memory: Tensor, src_mask: Tensor, lengths=None):
+        """Logits (B, T, V) for decoder inputs tgt_in, and the decoder state."""
+        out, state = self.decoder(self.tgt_embed(tgt_in), state, lengths=lengths)
+        if self.combine is not None:
+            scores = out @ memory.transpose(1, 2)  # (B, T, S) dot-product attention
+            scores = scores.masked_fill(~src_mask[:, None, :], float("-inf"))
+            context = F.softmax(scores, dim=-1) @ memory
+            out = torch.tanh(self.combine(torch.cat([out, context], dim=-1)))
+        return self.out(self.dropout(out)), state
+
+    def forward(self, src, src_lengths, tgt_in, tgt_lengths=None):
+        memory, state, src_mask = self.encode(src, src_lengths)
+        return self.decode_steps(tgt_in, state, memory, src_mask, tgt_lengths)[0]
+
+    def loss_terms(self, batch):
+        tgt = batch["tgt"]
+        in_lengths = batch["tgt_lengths"] - 1  # <bos> w1 .. wn predicts w1 .. wn <eos>
+        logits = self(batch["src"], batch["src_lengths"], tgt[:, :-1], in_lengths)
+        mask = torch.arange(tgt.shape[1] - 1, device=tgt.device)[None, :] < in_lengths[:, None]
+        return masked_cross_entropy(logits, tgt[:, 1:], mask)
+
+    def trace(self, batch):
+        _, state, _ = self.encode(batch["src"], batch["src_lengths"])
+        in_lengths = batch["tgt_lengths"] - 1
+        return self.decoder(self.tgt_embed(batch["tgt"][:, :-1]), state, lengths=in_lengths, return_gates=True)[2]
+
+    @torch.no_grad()
+    def greedy(self, src: Tensor, src_lengths: Tensor, max_len: int = 40) -> list[list[int]]:
+        memory, state, src_mask = self.encode(src, src_lengths)
+        token = torch.full((src.shape[0], 1), BOS, dtype=torch.long, device=src.device)
+        steps, done = [], torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)
+        for _ in range(max_len):
+            logits, state = self.decode_steps(token, state, memory, src_mask)
+            token = logits[:, -1].argmax(-1, keepdim=True)
+            steps.append(token[:, 0])
+            done |= token[:, 0] == EOS
+            if bool(done.all()):
+                break
+        rows = torch.stack(steps, 1).tolist()
+        return [row[: row.index(EOS)] if EOS in row else row for row in rows]
+
+    @torch.no_grad()
+    def beam_search(self, src: Tensor, src_lengths: Tensor, beam: int = 4, max_len: int = 40) -> list[list[int]]:
+        """Beam search, one source at a time (beams as the batch); scores are summed log-probs."""
+        results = []
+        for b in range(src.shape[0]):
+            n = int(src_lengths[b])
+            memory, (h, c), src_mask = self.encode(src[b : b + 1, :n], src_lengths[b : b + 1])
+            hyps = [([], 0.0)]  # (tokens, score) of live hypotheses
+            state = (h, c)
+            finished = []
+            for _ in range(max_len):
+                k = len(hyps)
+                last = torch.tensor([[toks[-1] if toks else BOS] for toks, _ in hyps], device=src.device)
+                logits, (h, c) = self.decode_steps(last, state, memory.expand(k, -1, -1), src_mask.expand(k, -1))
+                logp = F.log_softmax(logits[:, -1], -1)
+                total = torch.tensor([s for _, s in hyps], device=src.device)[:, None] + logp
+                top = torch.topk(total.flatten(), min(beam, total.numel()))
+                new_hyps, keep = [], []
+                for score, flat in zip(top.values.tolist(), top.indices.tolist()):
+                    parent, token = divmod(flat, logp.shape[1])
+                    if token == EOS:
+                        finished.append((hyps[parent][0], score))
+                    else:
+                        new_hyps.append((hyps[parent][0] + [token], score))
+                        keep.append(parent)
+                if len(finished) >= beam or not new_hyps:
+                    break
+                hyps = new_hyps
+                idx = torch.tensor(keep, device=src.device)
+                state = (h.index_select(1, idx), c.index_select(1, idx))
+            pool = finished or hyps
+            results.append(max(pool, key=lambda hs: hs[1])[0])
+        return results

@@ -1,0 +1,156 @@
+"""Stage `train`: data/prepared/<task>/ -> models/<task>/ (weights, config, checkpoints, run id).
+
+    python -m pipeline train <task>
+
+Checkpoints live in checkpoints/<task>/ (a DVC `persist` output) next to a fingerprint of
+everything that shapes the run; a rerun with the same fingerprint resumes from `last.ckpt`,
+so a killed training continues where it stopped and ends where an uninterrupted one ends.
+models/<task>/ is written only after training succeeded, in one rename.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from pipeline.config import Params, PipelineError
+from pipeline.tasks import get_task
+
+DATA_ROOT, MODELS_ROOT, CKPT_ROOT = Path("data/prepared"), Path("models"), Path("checkpoints")
+
+
+def fingerprint(task: str, params: Params, data_dir: Path) -> str:
+    from pipeline.datasets.prepared import load_manifest
+
+    what = {"seed": params.seed, "trainer": params.trainer.model_dump(),
+            "task": params.task(task).model_dump(mode="json"), "data": load_manifest(data_dir)["content_sha256"]}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _resume_state(ckpt_dir: Path, stamp: str, zero: bool) -> tuple[Path | None, str | None]:
+    """(last checkpoint, MLflow run id) to resume from; rank 0 clears the folder when anything changed."""
+    meta = ckpt_dir / "resume.json"
+    if meta.exists():
+        saved = json.loads(meta.read_text())
+        last = ckpt_dir / "last.ckpt"
+        if saved.get("fingerprint") == stamp and last.exists():
+            if zero:
+                print(f"resuming from {last}")
+            return last, saved.get("run_id")
+    if zero:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    return None, None
+
+
+def build_trainer(params: Params, task: str, ckpt_dir: Path, logger, extra_callbacks=()):
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    cfg = params.task(task).train
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min",
+                                 save_top_k=1, save_last=True, enable_version_counter=False)
+    trainer = L.Trainer(
+        **params.trainer.model_dump(),
+        max_epochs=cfg.max_epochs,
+        gradient_clip_val=cfg.gradient_clip_val,
+        limit_train_batches=cfg.limit_train_batches,
+        deterministic=True,
+        use_distributed_sampler=False,  # GlobalBatchSampler: the same global batches on any device count
+        log_every_n_steps=1,  # train_loss at every step
+        logger=logger if logger is not None else False,
+        callbacks=[checkpoint, *extra_callbacks],
+        default_root_dir=ckpt_dir,
+        enable_model_summary=False,
+    )
+    if cfg.batch_size % trainer.world_size:
+        raise PipelineError(f"{task}.train.batch_size {cfg.batch_size} is not divisible by the "
+                            f"{trainer.world_size} devices (trainer.devices x trainer.num_nodes)")
+    return trainer, checkpoint
+
+
+def write_model_dir(out_dir: Path, model, info: dict, ckpt_dir: Path) -> None:
+    """models/<task>/: weights.safetensors + config.json (+ the checkpoints), in one rename."""
+    from safetensors.torch import save_file
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, tmp / "weights.safetensors")
+        (tmp / "config.json").write_text(json.dumps(info, indent=1, ensure_ascii=False))
+        for name in ("best.ckpt", "last.ckpt"):
+            if (ckpt_dir / name).exists():
+                shutil.copy2(ckpt_dir / name, tmp / name)
+        tmp.chmod(0o755)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def train(task_name: str, params: Params, *, data_root: Path = DATA_ROOT, models_root: Path = MODELS_ROOT,
+          ckpt_root: Path = CKPT_ROOT, track: bool = True, root: Path = Path("."), callbacks=()) -> str:
+    import lightning as L
+    import torch
+
+    from pipeline import tracking
+    from pipeline.datasets.datamodule import PreparedDataModule
+
+    task, cfg = get_task(task_name), params.task(task_name)
+    data_dir, out_dir, ckpt_dir = data_root / task_name, models_root / task_name, ckpt_root / task_name
+    if task_name not in params.tasks:
+        raise PipelineError(f"task {task_name!r} is not in params.yaml's task list")
+    stamp = fingerprint(task_name, params, data_dir)
+    zero = tracking.is_global_zero()
+    resume_from, run_id = _resume_state(ckpt_dir, stamp, zero)
+
+    L.seed_everything(params.seed, workers=True, verbose=False)
+    dm = PreparedDataModule(data_dir, cfg.train.batch_size, params.seed, cfg.train.block_size)
+    model = task.model_class(vocab=dm.vocab, dims=dm.dims(), model=cfg.model.model_dump(),
+                             train=cfg.train.model_dump())
+    logger = None
+    if track and zero:
+        tags = {"task": task_name, "topology": task.topology, "git_commit": tracking.git_commit(root),
+                "dvc_stage": f"train@{task_name}", "devices": str(params.trainer.devices),
+                "num_nodes": str(params.trainer.num_nodes), "strategy": params.trainer.strategy}
+        logger = tracking.make_logger(params, task_name, tags, run_id=run_id, root=root)
+    trainer, checkpoint = build_trainer(params, task_name, ckpt_dir, logger, callbacks)
+    if logger is not None:
+        logger.log_hyperparams(tracking.flatten({"seed": params.seed, "trainer": params.trainer.model_dump(),
+                                                 **{task_name: cfg.model_dump(mode="json")}}))
+        logger.experiment.set_tag(logger.run_id, "world_size", str(trainer.world_size))
+        (ckpt_dir / "resume.json").write_text(json.dumps({"fingerprint": stamp, "run_id": logger.run_id}))
+    elif zero:
+        (ckpt_dir / "resume.json").write_text(json.dumps({"fingerprint": stamp, "run_id": None}))
+
+    try:
+        trainer.fit(model, datamodule=dm, ckpt_path=str(resume_from) if resume_from else None)
+    finally:
+        if logger is not None:
+            tracking.flush()
+    if not trainer.is_global_zero:
+        return ""
+    best = Path(checkpoint.best_model_path or ckpt_dir / "best.ckpt")
+    if not best.exists():
+        raise PipelineError(f"training of {task_name} produced no checkpoint in {ckpt_dir}")
+    # weights only: no pickled objects are trusted when loading
+    weights = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+    model.load_state_dict(weights)
+    best_val = float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None
+    info = {"task": task_name, "topology": task.topology, "model_class": task.model,
+            "hparams": {"vocab": dm.vocab, "dims": dm.dims(), "model": cfg.model.model_dump(),
+                        "train": cfg.train.model_dump()},
+            "best_val_loss": best_val, "epochs": trainer.current_epoch, "global_step": trainer.global_step,
+            "world_size": trainer.world_size, "seed": params.seed, "fingerprint": stamp,
+            "mlflow_run_id": logger.run_id if logger is not None else None,
+            "tracking_uri": tracking.tracking_uri(params, root) if logger is not None else None}
+    write_model_dir(out_dir, model, info, ckpt_dir)
+    params_count = sum(p.numel() for p in model.parameters())
+    val = f"{best_val:.4f}" if best_val is not None else "n/a"
+    return (f"{task_name}: trained {task.topology} ({params_count:,} parameters) for {trainer.current_epoch} epochs, "
+            f"{trainer.global_step} steps on {trainer.world_size} device(s); best val_loss {val}; wrote {out_dir}/")
