@@ -109,6 +109,7 @@ class ModelConfig(Section):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)  # between stacked layers and before the head
     embedding_dim: int = Field(64, gt=0)  # token inputs only
     attention: bool = True  # seq2seq only: Luong dot attention over encoder states
+    frame_stride: int = Field(1, gt=0)  # feature sequences: k consecutive steps -> one step of k x features
 
 
 class TrainConfig(Section):

@@ -36,6 +36,14 @@ def _batches(dm, split: str):
 # --- one evaluator per topology: (metrics, baseline, extra files written to out dirs) ---------------
 
 
+def _real_labels(arrays: dict) -> np.ndarray:
+    """Every label, per-step labels only up to each sequence's length: padding is no label."""
+    y = arrays["y"]
+    if y.ndim == 2 and "lengths" in arrays:
+        return np.concatenate([row[: int(n)] for row, n in zip(y, arrays["lengths"])])
+    return y.ravel()
+
+
 def _classes(model, dm, split, per_step: bool, out: Path) -> tuple[dict, dict]:
     from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
@@ -56,9 +64,9 @@ def _classes(model, dm, split, per_step: bool, out: Path) -> tuple[dict, dict]:
             preds, target = logits.argmax(-1), batch["y"]
         for metric in (acc, f1, confusion):
             metric.update(preds.flatten(), target.flatten())
-    train_y = dm.split("train")["y"].ravel()
+    train_y = _real_labels(dm.split("train"))
     majority = Counter(train_y.tolist()).most_common(1)[0][0]
-    test_y = dm.split(split)["y"].ravel()
+    test_y = _real_labels(dm.split(split))
     _plot_confusion(confusion.compute().numpy(), labels, out / "confusion.png")
     metrics = {"accuracy": float(acc.compute()), "f1_macro": float(f1.compute())}
     baseline = {"name": "majority class", "accuracy": float((test_y == majority).mean())}
@@ -220,6 +228,8 @@ def _trace_and_labels(model, dm, split, task: Task):
         labels = [dm.vocab["chars"][i] for i in batch["x"][0].tolist()]
     elif "tokens" in batch and "tokens" in dm.vocab:
         labels = [dm.vocab["tokens"][i] for i in batch["tokens"][0].tolist()]
+    if labels is not None:
+        labels = labels[: int(trace.mask[0].sum())]  # one label per real step of the first sequence
     return trace, labels
 
 
@@ -253,7 +263,7 @@ def evaluate(task_name: str, params: Params, *, data_root: Path = DATA_ROOT, mod
         stats = gates.saturation(trace)
         gates.plot_saturation(stats, tmp_plots / "gate_saturation.png")
         gates.plot_heatmaps(trace, tmp_plots / "gate_heatmaps.png", batch_index=0,
-                            labels=labels[:80] if labels else None)
+                            labels=labels)
         (tmp_plots / "saturation.json").write_text(json.dumps(gates.saturation_plot_data(stats)))
         (tmp_samples / "gate_saturation.json").write_text(json.dumps(stats, indent=1))
         result = {**{k: round(v, 6) for k, v in metrics.items()}, "key_metric": task.key_metric,

@@ -141,16 +141,20 @@ def train(task_name: str, params: Params, *, data_root: Path = DATA_ROOT, models
     # weights only: no pickled objects are trusted when loading
     weights = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
     model.load_state_dict(weights)
-    best_val = float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None
+    # counters and best score from the last checkpoint: under ddp_spawn this process's trainer and
+    # callbacks never ran (only the weights come back), so their epoch, step and score read 0 / None
+    last = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=True)
+    score = last["callbacks"][checkpoint.state_key]["best_model_score"]
+    best_val, epochs, steps = (float(score) if score is not None else None), last["epoch"] + 1, last["global_step"]
     info = {"task": task_name, "topology": task.topology, "model_class": task.model,
             "hparams": {"vocab": dm.vocab, "dims": dm.dims(), "model": cfg.model.model_dump(),
                         "train": cfg.train.model_dump()},
-            "best_val_loss": best_val, "epochs": trainer.current_epoch, "global_step": trainer.global_step,
+            "best_val_loss": best_val, "epochs": epochs, "global_step": steps,
             "world_size": trainer.world_size, "seed": params.seed, "fingerprint": stamp,
             "mlflow_run_id": logger.run_id if logger is not None else None,
             "tracking_uri": tracking.tracking_uri(params, root) if logger is not None else None}
     write_model_dir(out_dir, model, info, ckpt_dir)
     params_count = sum(p.numel() for p in model.parameters())
     val = f"{best_val:.4f}" if best_val is not None else "n/a"
-    return (f"{task_name}: trained {task.topology} ({params_count:,} parameters) for {trainer.current_epoch} epochs, "
-            f"{trainer.global_step} steps on {trainer.world_size} device(s); best val_loss {val}; wrote {out_dir}/")
+    return (f"{task_name}: trained {task.topology} ({params_count:,} parameters) for {epochs} epochs, "
+            f"{steps} steps on {trainer.world_size} device(s); best val_loss {val}; wrote {out_dir}/")

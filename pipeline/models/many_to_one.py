@@ -6,6 +6,8 @@ are. Padded batches carry `lengths`, so padding never reaches the label.
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.models.base import RecurrentModule, core, head, masked_cross_entropy, token_embedding
@@ -15,14 +17,25 @@ class ManyToOne(RecurrentModule):
     def __init__(self, vocab: dict, dims: dict, model: dict, train: dict):
         super().__init__(vocab, dims, model, train)
         self.embed = token_embedding(len(vocab["tokens"]), self.model_cfg) if "tokens" in vocab else None
-        self.lstm = core(self.model_cfg.embedding_dim if self.embed else dims["input_shape"][-1], self.model_cfg)
+        stride = self.model_cfg.frame_stride
+        self.lstm = core(self.model_cfg.embedding_dim if self.embed else dims["input_shape"][-1] * stride,
+                         self.model_cfg)
         self.head = head(self.model_cfg, len(vocab["labels"]))
 
-    def _inputs(self, x: Tensor) -> Tensor:
-        return self.embed(x) if self.embed is not None else x
+    def _inputs(self, x: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        if self.embed is not None:
+            return self.embed(x), lengths
+        k = self.model_cfg.frame_stride
+        if k == 1:
+            return x, lengths
+        # frame stacking: k steps become one step of k x features (a k times shorter recurrence)
+        B, T, C = x.shape
+        x = F.pad(x, (0, 0, 0, (-T) % k)).reshape(B, -1, k * C)
+        return x, None if lengths is None else torch.div(lengths + k - 1, k, rounding_mode="floor")
 
     def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
-        _, (h_n, _) = self.lstm(self._inputs(x), lengths=lengths)
+        x, lengths = self._inputs(x, lengths)
+        _, (h_n, _) = self.lstm(x, lengths=lengths)
         return self.head(h_n[-1])  # the last layer's state at each sequence's true last step
 
     @staticmethod
@@ -33,4 +46,5 @@ class ManyToOne(RecurrentModule):
         return masked_cross_entropy(self(self.sequence(batch), batch.get("lengths")), batch["y"])
 
     def trace(self, batch):
-        return self.lstm(self._inputs(self.sequence(batch)), lengths=batch.get("lengths"), return_gates=True)[2]
+        x, lengths = self._inputs(self.sequence(batch), batch.get("lengths"))
+        return self.lstm(x, lengths=lengths, return_gates=True)[2]
