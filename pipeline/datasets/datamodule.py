@@ -9,6 +9,7 @@ single-device gradient. (Lightning's DistributedSampler forces shuffling per ran
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -26,13 +27,14 @@ PADDED = {"lengths": ("tokens", "x", "y"), "src_lengths": ("src",), "tgt_lengths
 
 class GlobalBatchSampler(Sampler[list[int]]):
     def __init__(self, n: int, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle: bool = True, drop_last: bool = True):
+                 shuffle: bool = True, drop_last: bool = True, epoch_of: Callable[[], int] | None = None):
         if batch_size % world_size:
             raise PipelineError(f"train.batch_size {batch_size} is not divisible by the {world_size} devices")
         self.n, self.batch_size, self.rank, self.world_size = n, batch_size, rank, world_size
         self.seed, self.shuffle, self.drop_last, self.epoch = seed, shuffle, drop_last, 0
+        self.epoch_of = epoch_of  # asked at each pass when given (the fit loop's epoch), else set_epoch's value
 
-    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at every epoch start
+    def set_epoch(self, epoch: int) -> None:  # without epoch_of: call it at every epoch start
         self.epoch = epoch
 
     def __len__(self) -> int:
@@ -42,7 +44,8 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
     def __iter__(self):
         if self.shuffle:
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).numpy()
+            epoch = self.epoch_of() if self.epoch_of is not None else self.epoch
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).numpy()
         else:
             order = np.arange(self.n)
         for k in range(len(self)):
@@ -94,19 +97,27 @@ class PreparedDataModule(L.LightningDataModule):
         return {"input_shape": list(x.shape[1:])} if x is not None and x.dtype.kind == "f" else {}
 
     def loader(self, split: str, *, shuffle: bool = False, drop_last: bool = False, rank: int = 0,
-               world_size: int = 1, batch_size: int | None = None) -> DataLoader:
+               world_size: int = 1, batch_size: int | None = None, epoch_of: Callable[[], int] | None = None
+               ) -> DataLoader:
         arrays = self.split(split)
         n = len(next(iter(arrays.values())))
         sampler = GlobalBatchSampler(n, batch_size or self.batch_size, rank=rank, world_size=world_size,
-                                     seed=self.seed, shuffle=shuffle, drop_last=drop_last and n >= self.batch_size)
+                                     seed=self.seed, shuffle=shuffle, drop_last=drop_last and n >= self.batch_size,
+                                     epoch_of=epoch_of)
         return DataLoader(range(n), batch_sampler=sampler, collate_fn=partial(collate, arrays))
 
     def _ranks(self) -> dict:
         trainer = self.trainer  # set by Lightning when fitting (LightningDataModule has no `_trainer`)
         return {"rank": trainer.global_rank, "world_size": trainer.world_size} if trainer else {}
 
+    def _fit_epoch(self) -> int:
+        # The epoch the fit loop draws batches for: what Lightning passes to set_epoch, which it calls on a
+        # loader's `sampler` and `batch_sampler.sampler` only, never on a batch sampler such as ours.
+        return self.trainer.fit_loop.epoch_progress.current.processed
+
     def train_dataloader(self) -> DataLoader:
-        return self.loader("train", shuffle=True, drop_last=True, **self._ranks())
+        epoch_of = self._fit_epoch if self.trainer is not None else None
+        return self.loader("train", shuffle=True, drop_last=True, epoch_of=epoch_of, **self._ranks())
 
     def val_dataloader(self) -> DataLoader:
         return self.loader("val", **self._ranks())
