@@ -15,6 +15,7 @@ import math
 import shutil
 import tempfile
 from collections import Counter
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -180,6 +181,7 @@ def _plot_confusion(matrix: np.ndarray, labels: list[str], path: Path) -> None:
 
 def _write_melodies(model, tokens: list[str], arrays: dict, samples: Path, count: int = 4) -> None:
     """Greedy and sampled continuations of held-out seed notes: MIDI files and a piano roll."""
+    import music21
     from matplotlib.figure import Figure
 
     seeds = torch.as_tensor(arrays["tokens"][:count, :1])
@@ -191,12 +193,8 @@ def _write_melodies(model, tokens: list[str], arrays: dict, samples: Path, count
         notes = [tokens[i] for i in [seed, *line] if i > 1]
         _to_midi(notes, samples / f"melody_{k}.mid")
         t = 0.0
-        for note in notes:
-            pitch, dur = note.split("|")
-            dur = float(eval(dur, {"__builtins__": {}})) if "/" in dur else float(dur)
+        for pitch, dur in map(_note, notes):
             if pitch != "rest":
-                import music21
-
                 axes[k].broken_barh([(t, dur)], (music21.pitch.Pitch(pitch).midi - 0.4, 0.8))
             t += dur
         axes[k].set_ylabel(f"seed {tokens[seed].split('|')[0]}\nMIDI pitch")
@@ -206,13 +204,17 @@ def _write_melodies(model, tokens: list[str], arrays: dict, samples: Path, count
     fig.savefig(samples / "piano_roll.png", dpi=100)
 
 
+def _note(token: str) -> tuple[str, float]:
+    """"C5|1.0" or "rest|1/3" -> (pitch, quarter length)."""
+    pitch, duration = token.split("|")
+    return pitch, float(Fraction(duration))
+
+
 def _to_midi(notes: list[str], path: Path) -> None:
     import music21
 
     stream = music21.stream.Stream()
-    for note in notes:
-        pitch, dur = note.split("|")
-        ql = float(eval(dur, {"__builtins__": {}})) if "/" in dur else float(dur)
+    for pitch, ql in map(_note, notes):
         stream.append(music21.note.Rest(quarterLength=ql) if pitch == "rest"
                       else music21.note.Note(pitch, quarterLength=ql))
     stream.write("midi", fp=str(path))

@@ -61,11 +61,11 @@ def register_task(task_name: str, params: Params, *, models_root: Path = MODELS_
             client.set_model_version_tag(task_name, version, k, v)
         champion = tracking.alias_version(client, task_name, ALIAS)
         old_value = None
-        if champion is not None and champion.version != str(version):
+        if champion is not None and str(champion.version) != str(version):
             old_value = float(champion.tags.get(f"metric.{key}", "nan"))
             old_value = None if old_value != old_value else old_value
-        move = champion is None or champion.version == str(version) or is_better(new_value, old_value,
-                                                                                task.higher_is_better)
+        move = (champion is None or str(champion.version) == str(version)
+                or is_better(new_value, old_value, task.higher_is_better))
         if move:
             client.set_registered_model_alias(task_name, ALIAS, str(version))
     except BaseException:
@@ -74,14 +74,14 @@ def register_task(task_name: str, params: Params, *, models_root: Path = MODELS_
         raise
     if champion is None:
         why = "first version"
-    elif champion.version == str(version):
+    elif str(champion.version) == str(version):
         why = "already champion"
     else:
         why = (f"{key} {new_value:.4f} {'>=' if task.higher_is_better else '<='} champion v{champion.version}'s "
                f"{old_value}" if move else f"{key} {new_value:.4f} is worse than champion v{champion.version}'s "
                f"{old_value:.4f}")
     return {"name": task_name, "version": int(version), "run_id": run_id, "key_metric": key, "value": new_value,
-            "alias": ALIAS, "alias_moved": bool(move and (champion is None or champion.version != str(version))),
+            "alias": ALIAS, "alias_moved": bool(move and (champion is None or str(champion.version) != str(version))),
             "champion_version": int(version) if move else int(champion.version), "why": why,
             "new_version": made_here}
 

@@ -21,9 +21,9 @@ def load(params: Params, uri: str):
     from pipeline import tracking
 
     tracking.experiment_id(params)  # one clear line if the store is unusable
-    mlflow.set_tracking_uri(tracking.tracking_uri(params))
     try:
-        return mlflow.pyfunc.load_model(uri)
+        with tracking.mlflow_uri(tracking.tracking_uri(params)):
+            return mlflow.pyfunc.load_model(uri)
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise PipelineError(f"cannot load {uri}: {first[:200]} (run `dvc repro register` first?)") from None
@@ -33,7 +33,10 @@ def sample(params: Params, uri: str, prime: str, length: int, temperature: float
     import pandas as pd
 
     model = load(params, uri)
-    frame = pd.DataFrame({"prime": [prime], "length": [length], "temperature": [temperature], "top_k": [top_k]})
+    columns = {"prime": [prime], "length": [length], "temperature": [temperature]}
+    if top_k is not None:  # a None column cannot pass the signature's integer top_k
+        columns["top_k"] = [top_k]
+    frame = pd.DataFrame(columns)
     try:
         return model.predict(frame)["text"][0]
     except ValueError as err:

@@ -53,6 +53,24 @@ def _fail_fast():
                 os.environ[k] = v
 
 
+@contextmanager
+def mlflow_uri(uri: str):
+    """mlflow.set_tracking_uri(uri) for a block. MLflow (and Lightning's logger through it) also exports the
+    URI to os.environ["MLFLOW_TRACKING_URI"], where tracking_uri() would take it for the user's override and
+    send every later call in this process to this store, whatever its params say: put the variable back."""
+    import mlflow
+
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        mlflow.set_tracking_uri(uri)
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
 def experiment_id(params: Params, root: Path = Path(".")) -> str:
     """The project's experiment (created on first use); a clear error if the store is unusable."""
     from mlflow.tracking import MlflowClient
@@ -101,10 +119,13 @@ def make_logger(params: Params, task: str, tags: dict, run_id: str | None = None
     from lightning.pytorch.loggers import MLFlowLogger
 
     experiment_id(params, root)  # fail before training, in one line, if the store is unusable
-    return MLFlowLogger(experiment_name=params.tracking.experiment, run_name=task,
-                        tracking_uri=tracking_uri(params, root), tags=tags, run_id=run_id,
-                        artifact_location=artifact_location(params, root), log_model=False,
-                        synchronous=False)  # sqlite commits cost ~0.2 s each: log per step in the background
+    uri = tracking_uri(params, root)
+    logger = MLFlowLogger(experiment_name=params.tracking.experiment, run_name=task, tracking_uri=uri, tags=tags,
+                          run_id=run_id, artifact_location=artifact_location(params, root), log_model=False,
+                          synchronous=False)  # sqlite commits cost ~0.2 s each: log per step in the background
+    with mlflow_uri(uri):
+        logger.experiment  # noqa: B018  start the run now: its first use calls mlflow.set_tracking_uri
+    return logger
 
 
 def log_evaluation(params: Params, run_id: str, metrics: dict, paths: list[Path], root: Path = Path(".")) -> None:
@@ -136,16 +157,22 @@ def _signature_and_example(model_dir: Path):
 
     import numpy as np
     import pandas as pd
-    from mlflow.types.schema import Schema, TensorSpec
+    from mlflow.types.schema import ColSpec, Schema, TensorSpec
 
     info = json.loads((model_dir / "config.json").read_text())
     topology, vocab = info["topology"], info["hparams"]["vocab"]
+    # generators: only the prime (seed note) is required. A signature inferred from the example would require
+    # length and temperature, and MLflow drops columns a signature lacks (top_k, seed) before predict sees them
+    options = [ColSpec("long", "length", required=False), ColSpec("double", "temperature", required=False)]
     if topology == "char_lm":
-        return None, pd.DataFrame({"prime": ["ROMEO:"], "length": [40], "temperature": [0.8]})
+        sampling = [ColSpec("long", "top_k", required=False), ColSpec("long", "seed", required=False)]
+        return (Schema([ColSpec("string", "prime"), *options, *sampling]),
+                pd.DataFrame({"prime": ["ROMEO:"], "length": [40], "temperature": [0.8]}))
     if topology == "seq2seq":
         return None, pd.DataFrame({"text": ["three hundred and forty-two"]})
     if topology == "one_to_many":
-        return None, pd.DataFrame({"seed": [vocab["tokens"][2]], "length": [16], "temperature": [0.0]})
+        return (Schema([ColSpec("string", "seed"), *options]),
+                pd.DataFrame({"seed": [vocab["tokens"][2]], "length": [16], "temperature": [0.0]}))
     if "tokens" in vocab:
         return None, pd.DataFrame({"text": ["a gripping, beautifully acted film"]})
     shape = info["hparams"]["dims"]["input_shape"]
@@ -165,10 +192,9 @@ def log_and_register(params: Params, name: str, model_dir: Path, run_id: str, ro
     import mlflow
     from mlflow.models import infer_signature
 
-    mlflow.set_tracking_uri(tracking_uri(params, root))
     inputs, example = _signature_and_example(model_dir)
     package = Path(__file__).resolve().parent
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, mlflow_uri(tracking_uri(params, root)):
         weights = Path(tmp) / "model"
         weights.mkdir()
         for f in ("weights.safetensors", "config.json"):  # no checkpoints: weights and config only
@@ -188,7 +214,7 @@ def log_and_register(params: Params, name: str, model_dir: Path, run_id: str, ro
                 name="model", python_model=str(package / "pyfunc_model.py"), artifacts={"model": str(weights)},
                 code_paths=[str(package)], pip_requirements=PIP_REQUIREMENTS, signature=signature,
                 input_example=example)
-    version = mlflow.register_model(logged.model_uri, name, tags={"run_id": run_id})
+        version = mlflow.register_model(logged.model_uri, name, tags={"run_id": run_id})
     return str(version.version)
 
 

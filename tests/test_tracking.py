@@ -1,0 +1,436 @@
+"""MLflow end to end on tiny models: what a tracked training and its evaluation record, the registry and its
+champion alias, pyfunc round trips from `models:/<task>@champion`, the `sample` CLI, an unusable store, and
+`mlflow server` over the same store.
+
+Everything lives in one temporary sqlite store and artifact folder per module (params, never the
+environment: MLFLOW_TRACKING_URI is unset around every test).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from pipeline import tracking
+from pipeline.config import PipelineError, parse_params
+from pipeline.models.saved import load_trained
+from pipeline.register import ALIAS, is_better, register_all, register_task
+from pipeline.tasks import get_task
+
+REPO = Path(__file__).resolve().parents[1]
+TASKS = ("digits", "translation", "charlm")
+ENV = "MLFLOW_TRACKING_URI"
+
+
+def raw_params(tmp: Path, **lr: float) -> dict:
+    """Tiny settings over a store in `tmp`; lr=... per task key changes that task's learning rate."""
+    raw = {
+        "seed": 3,
+        "tasks": list(TASKS),
+        "tracking": {"uri": f"sqlite:///{tmp}/mlflow.db", "artifact_location": str(tmp / "mlruns"),
+                     "experiment": "tiny"},
+        "digits": {"data": {"max_samples": 300}, "model": {"hidden_size": 16},
+                   "train": {"max_epochs": 2, "batch_size": 32}},
+        "translation": {"data": {"max_number": 200}, "model": {"hidden_size": 16, "embedding_dim": 8},
+                        "train": {"max_epochs": 2, "batch_size": 32}},
+        "charlm": {"data": {"max_chars": 20_000}, "model": {"hidden_size": 16, "embedding_dim": 8},
+                   "train": {"max_epochs": 1, "batch_size": 16, "block_size": 32, "limit_train_batches": 5}},
+    }
+    for task, value in lr.items():
+        raw[task]["train"]["lr"] = value
+    return raw
+
+
+def no_env_uri(mp: pytest.MonkeyPatch) -> None:
+    """Unset MLFLOW_TRACKING_URI now, and again when `mp` undoes (MLflow may export it meanwhile)."""
+    mp.setenv(ENV, "unset-me")  # recorded as "was not set" (or its value): undo restores that
+    mp.delenv(ENV)
+
+
+@pytest.fixture(autouse=True)
+def _params_win(monkeypatch):
+    no_env_uri(monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """Prepared, trained (tracked) and evaluated tiny digits, translation and charlm models in one store."""
+    from pipeline.evaluate import evaluate
+    from pipeline.prepare import prepare
+    from pipeline.train import train
+
+    tmp = tmp_path_factory.mktemp("tracking")
+    params = parse_params(raw_params(tmp))
+    ns = SimpleNamespace(tmp=tmp, params=params, data=tmp / "data", models=tmp / "models",
+                         metrics=tmp / "metrics", uri=f"sqlite:///{tmp}/mlflow.db")
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        no_env_uri(mp)
+        torch.set_num_threads(1)  # other processes share these 2 cores: one thread avoids the stalls
+        for task in TASKS:
+            prepare(task, params, ns.data)
+            train(task, params, data_root=ns.data, models_root=ns.models, ckpt_root=tmp / "ckpt", root=REPO)
+            evaluate(task, params, data_root=ns.data, models_root=ns.models, metrics_root=ns.metrics,
+                     plots_root=tmp / "plots", samples_root=tmp / "samples", root=REPO)
+        yield ns
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def registered(store):
+    with pytest.MonkeyPatch.context() as mp:
+        no_env_uri(mp)
+        return {task: register(store, task) for task in TASKS}
+
+
+def register(store, task: str, models: Path | None = None, metrics: Path | None = None) -> dict:
+    return register_task(task, store.params, models_root=models or store.models, metrics_root=metrics or store.metrics,
+                         root=REPO)
+
+
+def client(store):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(store.uri)
+
+
+def info(models: Path, task: str) -> dict:
+    return json.loads((models / task / "config.json").read_text())
+
+
+def versions(store, task: str) -> list[str]:
+    return sorted((str(v.version) for v in client(store).search_model_versions(f"name='{task}'")), key=int)
+
+
+def champion(store, task: str):
+    return client(store).get_model_version_by_alias(task, ALIAS)
+
+
+# --- the training run and its evaluation ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_training_run_holds_params_metrics_tags_and_evaluation(store, task):
+    c, config = client(store), info(store.models, task)
+    run = c.get_run(config["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.info.experiment_id == tracking.experiment_id(store.params)
+    params = run.data.params
+    assert params[f"{task}.model.hidden_size"] == "16" and params["seed"] == "3"
+    assert params[f"{task}.train.max_epochs"] == str(config["epochs"])
+    assert params[f"{task}.train.lr"] == str(store.params.task(task).train.lr)
+    assert params["trainer.strategy"] == "auto" and params["trainer.devices"] == "1"
+
+    steps = [m.step for m in c.get_metric_history(run.info.run_id, "train_loss")]
+    assert config["global_step"] > 0 and steps == list(range(config["global_step"]))  # one per step
+    val = c.get_metric_history(run.info.run_id, "val_loss")
+    assert len(val) == config["epochs"]  # one per epoch (no sanity-check value)
+    assert min(v.value for v in val) == pytest.approx(config["best_val_loss"], rel=1e-6)
+
+    tags = run.data.tags
+    assert tags["task"] == task and tags["topology"] == get_task(task).topology
+    assert tags["dvc_stage"] == f"train@{task}" and tags["mlflow.runName"] == task
+    assert re.fullmatch(r"[0-9a-f]{40}", tags["git_commit"])
+    subprocess.run(["git", "cat-file", "-e", f"{tags['git_commit']}^{{commit}}"], cwd=REPO, check=True)
+
+    metrics = json.loads((store.metrics / f"{task}.json").read_text())
+    numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    assert {k: run.data.metrics[f"test_{k}"] for k in numbers} == pytest.approx(numbers)
+    top = {a.path for a in c.list_artifacts(run.info.run_id, "evaluation")}
+    assert top == {f"evaluation/{task}.json", f"evaluation/{task}"}
+    files = {Path(a.path).name for a in c.list_artifacts(run.info.run_id, f"evaluation/{task}")}
+    sample_file = {"digits": "confusion.png", "translation": "translations.tsv", "charlm": "samples.txt"}[task]
+    assert {"gate_saturation.png", "gate_heatmaps.png", "saturation.json", "gate_saturation.json", sample_file} <= files
+    import mlflow
+
+    logged = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=f"evaluation/{task}.json",
+                                                 tracking_uri=store.uri, dst_path=str(store.tmp / "downloads" / task))
+    assert json.loads(Path(logged).read_text()) == metrics
+
+
+# --- the registry and the champion alias ----------------------------------------------------------------
+
+
+def test_is_better_is_at_least_as_good():
+    assert is_better(0.5, None, True) and is_better(9.0, None, False)
+    assert is_better(0.5, 0.5, True) and is_better(0.5, 0.5, False)  # a tie moves the alias
+    assert is_better(0.6, 0.5, True) and not is_better(0.4, 0.5, True)
+    assert is_better(0.4, 0.5, False) and not is_better(0.6, 0.5, False)
+
+
+def retrain(store, task: str, name: str, lr: float, key_value: float) -> SimpleNamespace:
+    """Another tracked run of `task` (a new run id: another lr) evaluated, with its key metric written over."""
+    from pipeline.evaluate import evaluate
+    from pipeline.train import train
+
+    params = parse_params(raw_params(store.tmp, **{task: lr}))
+    out = SimpleNamespace(models=store.tmp / f"models_{name}", metrics=store.tmp / f"metrics_{name}")
+    train(task, params, data_root=store.data, models_root=out.models, ckpt_root=store.tmp / f"ckpt_{name}",
+          root=REPO)
+    evaluate(task, params, data_root=store.data, models_root=out.models, metrics_root=out.metrics,
+             plots_root=store.tmp / f"plots_{name}", samples_root=store.tmp / f"samples_{name}", track=False)
+    path = out.metrics / f"{task}.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), get_task(task).key_metric: key_value}))
+    out.run_id = info(out.models, task)["mlflow_run_id"]
+    return out
+
+
+def test_registration_moves_the_champion_only_when_not_worse(store, registered):
+    c, run_id = client(store), info(store.models, "digits")["mlflow_run_id"]
+    first = registered["digits"]
+    assert first["version"] == 1 and first["new_version"] and first["alias_moved"] and first["why"] == "first version"
+    v1 = c.get_model_version("digits", "1")
+    accuracy = json.loads((store.metrics / "digits.json").read_text())["accuracy"]
+    assert v1.run_id == run_id and v1.tags["metric.accuracy"] == str(accuracy)
+    assert v1.tags["key_metric"] == "accuracy" and v1.tags["higher_is_better"] == "True"
+    assert v1.tags["task"] == "digits" and v1.tags["fingerprint"] == info(store.models, "digits")["fingerprint"]
+    assert str(champion(store, "digits").version) == "1"
+
+    again = register(store, "digits")  # the same run: no second version
+    assert (again["version"], again["new_version"], again["alias_moved"]) == (1, False, False)
+    assert again["why"] == "already champion" and versions(store, "digits") == ["1"]
+
+    worse = retrain(store, "digits", "worse", lr=0.01, key_value=accuracy - 0.25)
+    assert worse.run_id != run_id
+    receipt = register(store, "digits", worse.models, worse.metrics)
+    assert receipt["version"] == 2 and receipt["new_version"] and not receipt["alias_moved"]
+    assert receipt["champion_version"] == 1 and receipt["value"] == pytest.approx(accuracy - 0.25)
+    assert receipt["why"] == f"accuracy {accuracy - 0.25:.4f} is worse than champion v1's {accuracy:.4f}"
+    assert str(champion(store, "digits").version) == "1" and versions(store, "digits") == ["1", "2"]
+    assert c.get_model_version("digits", "2").tags["metric.accuracy"] == str(accuracy - 0.25)
+
+    better = retrain(store, "digits", "better", lr=0.02, key_value=accuracy + 0.25)
+    receipt = register(store, "digits", better.models, better.metrics)
+    assert receipt["version"] == 3 and receipt["alias_moved"] and receipt["champion_version"] == 3
+    assert receipt["why"].startswith(f"accuracy {accuracy + 0.25:.4f} >= champion v1's")
+    assert str(champion(store, "digits").version) == "3" and champion(store, "digits").run_id == better.run_id
+
+    again = register(store, "digits", worse.models, worse.metrics)  # the worse run again: still v2, no move
+    assert (again["version"], again["new_version"], again["alias_moved"]) == (2, False, False)
+    assert str(champion(store, "digits").version) == "3" and versions(store, "digits") == ["1", "2", "3"]
+
+
+def fail(*args, **kwargs):
+    raise RuntimeError("registry write failed (simulated)")
+
+
+@pytest.mark.parametrize("method", ["set_registered_model_alias", "set_model_version_tag"])
+def test_failed_registration_leaves_no_version_and_the_alias(store, registered, method, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    task = "translation"  # digits' versions are the test above's
+    before, holder = versions(store, task), champion(store, task)
+    best = float(holder.tags["metric.exact_match"])
+    run = retrain(store, task, f"failing_{method}", lr=0.01, key_value=best + 1.0)  # would become champion
+    with monkeypatch.context() as mp:
+        mp.setattr(MlflowClient, method, fail)
+        with pytest.raises(RuntimeError, match="simulated"):
+            register(store, task, run.models, run.metrics)
+    assert versions(store, task) == before
+    assert str(champion(store, task).version) == str(holder.version)
+    receipt = register(store, task, run.models, run.metrics)  # once the store works, it registers
+    assert receipt["new_version"] and receipt["alias_moved"] and str(receipt["version"]) not in before
+    assert champion(store, task).run_id == run.run_id
+
+
+def test_register_all_checks_every_task_first_and_writes_receipts(store, registered, tmp_path):
+    before = {t: (versions(store, t), str(champion(store, t).version)) for t in TASKS}
+    roots = {"registry_root": tmp_path / "registry", "models_root": store.models, "metrics_root": store.metrics,
+             "root": REPO}
+    with_melody = parse_params(raw_params(store.tmp) | {"tasks": [*TASKS, "melody"]})
+    with pytest.raises(PipelineError, match="no metrics for melody"):  # before registering anything
+        register_all(with_melody, **roots)
+    assert list(tmp_path.iterdir()) == []
+    line = register_all(store.params, **roots)
+    assert line.startswith("registered: digits v1") and "charlm v1 (champion)" in line
+    assert list(tmp_path.iterdir()) == [tmp_path / "registry"]  # no temporary folder left
+    receipts = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "registry").iterdir()}
+    assert set(receipts) == set(TASKS)
+    for task, receipt in receipts.items():  # the fixture's runs again: their versions, no new one
+        assert receipt["version"] == 1 and not receipt["new_version"]
+        assert receipt["key_metric"] == get_task(task).key_metric
+        assert receipt["run_id"] == info(store.models, task)["mlflow_run_id"]
+    assert {t: (versions(store, t), str(champion(store, t).version)) for t in TASKS} == before
+
+
+# --- pyfunc round trips from the registry ---------------------------------------------------------------
+
+
+def champion_model(store, task: str):
+    """The pyfunc model of models:/<task>@champion and the same model rebuilt in memory from its folder."""
+    import mlflow
+
+    with tracking.mlflow_uri(store.uri):
+        loaded = mlflow.pyfunc.load_model(f"models:/{task}@{ALIAS}")
+    run_id = champion(store, task).run_id
+    (folder,) = [p.parent for p in store.tmp.glob(f"models*/{task}/config.json")
+                 if json.loads(p.read_text())["mlflow_run_id"] == run_id]
+    return loaded, load_trained(folder)[0]
+
+
+def test_pyfunc_digits_labels_are_the_argmax(store, registered):
+    loaded, model = champion_model(store, "digits")
+    x = np.load(store.data / "digits" / "test.npz")["x"][:20]  # (N, 28, 28) float32 in [0, 1]
+    out = loaded.predict(x)
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.from_numpy(x)), -1)
+    labels = model.vocab["labels"]
+    assert out["label"].tolist() == [labels[i] for i in probs.argmax(-1).tolist()]
+    assert np.allclose(out["probability"], probs.max(-1).values.numpy(), atol=1e-6)
+
+
+def test_pyfunc_translation_is_greedy_decoding(store, registered):
+    from pipeline.datasets.translation import detokenize, encode_source
+
+    loaded, model = champion_model(store, "translation")
+    texts = ["forty-two", "one hundred and seven", "three", "two hundred"]
+    out = loaded.predict(pd.DataFrame({"text": texts}))
+    ids = [encode_source(t, model.vocab) for t in texts]
+    src = torch.zeros(len(ids), max(map(len, ids)), dtype=torch.long)
+    for row, seq in zip(src, ids):
+        row[: len(seq)] = torch.tensor(seq)
+    words = model.vocab["tgt_tokens"]
+    expected = [detokenize([words[i] for i in o]) for o in model.greedy(src, torch.tensor([len(s) for s in ids]))]
+    assert out["text"].tolist() == texts and out["translation"].tolist() == expected
+
+
+def test_pyfunc_charlm_samples_like_the_model(store, registered):
+    from pipeline import serve
+
+    loaded, model = champion_model(store, "charlm")
+    greedy = loaded.predict(pd.DataFrame({"prime": ["The king", "ROMEO:"], "length": [50, 30],
+                                          "temperature": [0.0, 0.0]}))
+    assert greedy["text"].tolist() == [model.sample("The king", 50, temperature=0),
+                                       model.sample("ROMEO:", 30, temperature=0)]
+    # top_k and seed reach the model (not dropped by the signature): a seeded draw is reproducible
+    drawn = loaded.predict(pd.DataFrame({"prime": ["The "], "length": [40], "temperature": [1.0], "top_k": [5],
+                                         "seed": [11]}))
+    assert drawn["text"][0] == model.sample("The ", 40, 1.0, 5, seed=11)
+    only_prime = loaded.predict(pd.DataFrame({"prime": ["ROMEO:"]}))["text"][0]  # defaults: 200 characters
+    assert only_prime.startswith("ROMEO:") and len(only_prime) == len("ROMEO:") + 200
+    assert "ROMEO:" in serve.predict(store.params, "charlm", ["ROMEO:"], None)
+
+
+def test_cli_sample_prints_the_champions_text(store, registered, tmp_path):
+    _, model = champion_model(store, "charlm")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw_params(store.tmp)))
+    env = {k: v for k, v in os.environ.items() if k != ENV} | {"OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "pipeline", "sample", "--prime", "The king", "--length", "50", "--temperature", "0"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("The king")
+    assert done.stdout == model.sample("The king", 50, temperature=0) + "\n"
+
+    bad = raw_params(store.tmp) | {"tracking": {"uri": "http://127.0.0.1:9"}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(bad))
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("error: MLflow tracking store http://127.0.0.1:9") and done.stderr.count("\n") == 1
+
+
+# --- an unusable store, and the tracking server --------------------------------------------------------
+
+
+@pytest.mark.parametrize("uri", ["http://127.0.0.1:9", "sqlite:////proc/nope/mlflow.db"])
+def test_unusable_store_fails_fast_in_one_line(uri):
+    params = parse_params({"tracking": {"uri": uri}})
+    retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    start = time.monotonic()
+    with pytest.raises(PipelineError) as err:
+        tracking.experiment_id(params)
+    assert time.monotonic() - start < 20
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"MLflow tracking store {uri} is unreachable or unwritable")
+    assert os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES") == retries  # the fail-fast settings are put back
+
+
+def test_env_uri_wins_but_mlflow_does_not_leak_one(store, registered, tmp_path, monkeypatch):
+    import mlflow
+
+    from pipeline import serve
+
+    other = parse_params({"tracking": {"uri": f"sqlite:///{tmp_path}/other.db"}})
+    assert tracking.tracking_uri(store.params) == store.uri
+    monkeypatch.setenv(ENV, "sqlite:////elsewhere.db")  # the user's variable wins over params
+    assert tracking.tracking_uri(store.params) == "sqlite:////elsewhere.db"
+    monkeypatch.delenv(ENV)
+    # mlflow.set_tracking_uri (ours, Lightning's) exports the URI to os.environ whenever it changes it; our
+    # calls with the store's params must not turn that into an override for calls with other params
+    for use_store in (lambda: serve.load(store.params, f"models:/charlm@{ALIAS}"),
+                      lambda: tracking.make_logger(store.params, "charlm", {"purpose": "leak test"}).finalize()):
+        mlflow.set_tracking_uri(tracking.tracking_uri(other))
+        monkeypatch.delenv(ENV)
+        use_store()
+        assert ENV not in os.environ
+        assert tracking.tracking_uri(other) == f"sqlite:///{tmp_path}/other.db"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(url: str, body: dict | None = None, timeout: float = 5) -> tuple[int, str]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"} if data else {})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return response.status, response.read().decode()
+
+
+def test_mlflow_server_serves_the_runs_and_the_ui(store, tmp_path):
+    port, run_id = free_port(), info(store.models, "charlm")["mlflow_run_id"]
+    base = f"http://127.0.0.1:{port}"
+    mlflow_cli = Path(sys.executable).with_name("mlflow")
+    cmd = [str(mlflow_cli), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--backend-store-uri", store.uri, "--default-artifact-root", str(store.tmp / "mlruns")]
+    env = {k: v for k, v in os.environ.items() if k != ENV}
+    with open(tmp_path / "server.log", "wb") as log:
+        server = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                if http(f"{base}/health", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "mlflow server not ready in 90 s"
+            time.sleep(0.5)
+        experiment = tracking.experiment_id(store.params)
+        status, text = http(f"{base}/api/2.0/mlflow/runs/search",
+                            {"experiment_ids": [experiment], "filter": f"attributes.run_id = '{run_id}'"})
+        runs = json.loads(text)["runs"]
+        assert status == 200 and [r["info"]["run_id"] for r in runs] == [run_id]
+        assert {"key": "task", "value": "charlm"} in runs[0]["data"]["tags"]
+        metrics = {m["key"]: m["value"] for m in runs[0]["data"]["metrics"]}
+        loss = json.loads((store.metrics / "charlm.json").read_text())["loss"]
+        assert metrics["test_loss"] == pytest.approx(loss) and metrics["test_bits_per_char"] == pytest.approx(
+            loss / math.log(2), abs=1e-5)
+        status, page = http(f"{base}/")
+        assert status == 200 and "<html" in page.lower()
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=15)
