@@ -120,6 +120,7 @@ class TrainConfig(Section):
     gradient_clip_val: float | None = Field(1.0, gt=0.0)
     block_size: int = Field(128, gt=1)  # charlm: characters per training window
     limit_train_batches: float | int = Field(1.0, gt=0)  # Lightning's: a fraction or a count
+    augment_shift: int = Field(0, ge=0)  # images: random translation by up to this many pixels in training
 
 
 class TaskParams(Section):

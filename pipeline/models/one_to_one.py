@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.models.base import RecurrentModule, core, head, masked_cross_entropy
@@ -22,8 +24,21 @@ class OneToOne(RecurrentModule):
         out, _ = self.lstm(self._steps(x))
         return self.head(out[:, -1])
 
+    def shifted(self, x: Tensor) -> Tensor:
+        """Each image moved by a random (dy, dx) in [-s, s]^2, zeros shifted in: cheap augmentation."""
+        s = self.train_cfg.augment_shift
+        B, H, W = x.shape
+        padded = F.pad(x, (s, s, s, s))
+        dy, dx = torch.randint(0, 2 * s + 1, (2, B), device=x.device)
+        rows = (dy[:, None] + torch.arange(H, device=x.device))[:, :, None]
+        cols = (dx[:, None] + torch.arange(W, device=x.device))[:, None, :]
+        return padded[torch.arange(B, device=x.device)[:, None, None], rows, cols]
+
     def loss_terms(self, batch):
-        return masked_cross_entropy(self(batch["x"]), batch["y"])
+        x = batch["x"]
+        if self.training and self.train_cfg.augment_shift:
+            x = self.shifted(x)
+        return masked_cross_entropy(self(x), batch["y"])
 
     def trace(self, batch):
         return self.lstm(self._steps(batch["x"]), return_gates=True)[2]
