@@ -105,6 +105,25 @@ def reference_lstm(lstm: GateLSTM | nn.LSTM, x: Tensor, state: tuple[Tensor, Ten
     return inp, (torch.stack(h_n), torch.stack(c_n)), trace
 
 
+def _onednn_linear_available() -> bool:
+    try:
+        a = torch.ones(2, 3)
+        return bool(torch.ops.mkldnn._linear_pointwise(a, torch.ones(4, 3), torch.zeros(4), "none", [], "")[0, 0] == 3)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_ONEDNN_LINEAR = _onednn_linear_available()
+
+
+def _linear(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    """x @ w.T + b. On CPU in float32, oneDNN's matmul (the library behind the fused LSTM kernel)
+    ran these tall-skinny products about 2x faster than the default BLAS path on our 2-core machine."""
+    if _ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32:
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+    return torch.addmm(b, x, w.T)
+
+
 class _FusedRecurrent(nn.Module):
     """Shared body: nn.LSTM/nn.RNN parameter layout, one fused kernel call per layer."""
 
@@ -232,20 +251,18 @@ class GateLSTM(_FusedRecurrent):
         mask = (torch.arange(T)[None, :] < lens[:, None]).to(first.device)  # (B, T), True on real steps
         h0, c0 = state if state is not None else (first.new_zeros(L, B, H),) * 2
         # time-major buffers, so each step's slice is contiguous for the cell recurrence
-        gates = first.new_empty(L, T, B, 4, H)
-        cell = first.new_empty(L, T, B, H)
-        hidden = first.new_empty(L, T, B, H)
+        gates, cell, hidden = [], first.new_empty(L, T, B, H), first.new_empty(L, T, B, H)
         worst = 0.0
         for k, (inp, out) in enumerate(layers):
             w_ih, w_hh, b_ih, b_hh = self.layer_weights(k)
-            x_tm = self._padded(inp, T).transpose(0, 1).reshape(T * B, -1)
             hidden[k].copy_(self._padded(out, T).transpose(0, 1))
-            # pre-activations of all steps: W_ih x_t + b, then + W_hh h_{t-1} (h_{-1} = h0)
-            pre = gates[k].view(T * B, 4 * H)
-            torch.addmm(b_ih + b_hh, x_tm, w_ih.T, out=pre)
-            pre[B:].addmm_(hidden[k, :-1].reshape((T - 1) * B, H), w_hh.T)
-            pre[:B].addmm_(h0[k], w_hh.T)
-            g = gates[k]
+            # pre-activations of all steps in one product: [x_t, h_{t-1}] @ [W_ih, W_hh]^T + b (h_{-1} = h0)
+            xh = first.new_empty(T, B, w_ih.shape[1] + H)
+            xh[:, :, : w_ih.shape[1]] = self._padded(inp, T).transpose(0, 1)
+            xh[0, :, w_ih.shape[1] :] = h0[k]
+            xh[1:, :, w_ih.shape[1] :] = hidden[k, :-1]
+            g = _linear(xh.view(T * B, -1), torch.cat([w_ih, w_hh], 1), b_ih + b_hh).view(T, B, 4, H)
+            gates.append(g)
             g[:, :, :2].sigmoid_()  # input, forget
             g[:, :, 3].sigmoid_()  # output
             g[:, :, 2].mul_(2).sigmoid_().mul_(2).sub_(1)  # candidate: tanh(z) = 2 sigmoid(2z) - 1, faster on CPU
@@ -258,7 +275,8 @@ class GateLSTM(_FusedRecurrent):
             err = cell[k].mul(2).sigmoid_().mul_(2).sub_(1).mul_(o).sub_(hidden[k]).abs_()
             err = err if bool(mask.all()) else err.transpose(0, 1)[mask]
             worst = max(worst, float(err.max()) if err.numel() else 0.0)
-        # (L, T, B, H) -> (L, B, T, H) views: no copies
+        # (L, T, B, H) -> (L, B, T, H) views: no copies (but stacking the layers' gates when L > 1)
+        gates = gates[0][None] if L == 1 else torch.stack(gates)
         views = [gates[:, :, :, j].transpose(1, 2) for j in range(4)] + [cell.transpose(1, 2), hidden.transpose(1, 2)]
         if not bool(mask.all()):
             pad = ~mask[None, :, :, None]

@@ -142,7 +142,8 @@ def log_evaluation(params: Params, run_id: str, metrics: dict, paths: list[Path]
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in values.items()])
     for path in paths:
         if Path(path).is_dir():
-            client.log_artifacts(run_id, str(path), artifact_path=f"evaluation/{Path(path).name}")
+            # plots/<task> -> evaluation/plots, samples/<task> -> evaluation/samples
+            client.log_artifacts(run_id, str(path), artifact_path=f"evaluation/{Path(path).parent.name}")
         elif Path(path).exists():
             client.log_artifact(run_id, str(path), artifact_path="evaluation")
 
