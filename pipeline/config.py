@@ -262,8 +262,10 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
         raise ConfigError(f"{path}: params file not found")
     try:
         raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}: not valid YAML{where}") from None
+    if raw is None:  # empty or comments only: a truncated file, not a request for every default
+        raise ConfigError(f"{path}: the params file is empty")
     return parse_params(raw, str(path))

@@ -48,24 +48,29 @@ def _resume_state(ckpt_dir: Path, stamp: str, zero: bool) -> tuple[Path | None, 
 
 def build_trainer(params: Params, task: str, ckpt_dir: Path, logger, extra_callbacks=()):
     import lightning as L
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     cfg = params.task(task).train
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min",
                                  save_top_k=1, save_last=True, enable_version_counter=False)
-    trainer = L.Trainer(
-        **params.trainer.model_dump(),
-        max_epochs=cfg.max_epochs,
-        gradient_clip_val=cfg.gradient_clip_val,
-        limit_train_batches=cfg.limit_train_batches,
-        deterministic=True,
-        use_distributed_sampler=False,  # GlobalBatchSampler: the same global batches on any device count
-        log_every_n_steps=1,  # train_loss at every step
-        logger=logger if logger is not None else False,
-        callbacks=[checkpoint, *extra_callbacks],
-        default_root_dir=ckpt_dir,
-        enable_model_summary=False,
-    )
+    try:  # Lightning checks accelerator, devices and precision here: a bad value is one line, not a traceback
+        trainer = L.Trainer(
+            **params.trainer.model_dump(),
+            max_epochs=cfg.max_epochs,
+            gradient_clip_val=cfg.gradient_clip_val,
+            limit_train_batches=cfg.limit_train_batches,
+            deterministic=True,
+            use_distributed_sampler=False,  # GlobalBatchSampler: the same global batches on any device count
+            log_every_n_steps=1,  # train_loss at every step
+            logger=logger if logger is not None else False,
+            callbacks=[checkpoint, *extra_callbacks],
+            default_root_dir=ckpt_dir,
+            enable_model_summary=False,
+        )
+    except (MisconfigurationException, ValueError, TypeError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise PipelineError(f"trainer {params.trainer.model_dump()}: {first[:300]}") from None
     if cfg.batch_size % trainer.world_size:
         raise PipelineError(f"{task}.train.batch_size {cfg.batch_size} is not divisible by the "
                             f"{trainer.world_size} devices (trainer.devices x trainer.num_nodes)")
@@ -106,6 +111,8 @@ def train(task_name: str, params: Params, *, data_root: Path = DATA_ROOT, models
     if task_name not in params.tasks:
         raise PipelineError(f"task {task_name!r} is not in params.yaml's task list")
     stamp = fingerprint(task_name, params, data_dir)
+    # Lightning's checks and the batch split first: a bad trainer section touches no checkpoint and no MLflow run
+    trainer, checkpoint = build_trainer(params, task_name, ckpt_dir, None, callbacks)
     zero = tracking.is_global_zero()
     resume_from, run_id = _resume_state(ckpt_dir, stamp, zero)
 
@@ -119,8 +126,8 @@ def train(task_name: str, params: Params, *, data_root: Path = DATA_ROOT, models
                 "dvc_stage": f"train@{task_name}", "devices": str(params.trainer.devices),
                 "num_nodes": str(params.trainer.num_nodes), "strategy": params.trainer.strategy}
         logger = tracking.make_logger(params, task_name, tags, run_id=run_id, root=root)
-    trainer, checkpoint = build_trainer(params, task_name, ckpt_dir, logger, callbacks)
     if logger is not None:
+        trainer.logger = logger
         logger.log_hyperparams(tracking.flatten({"seed": params.seed, "trainer": params.trainer.model_dump(),
                                                  **{task_name: cfg.model_dump(mode="json")}}))
         logger.experiment.set_tag(logger.run_id, "world_size", str(trainer.world_size))

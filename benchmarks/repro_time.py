@@ -1,6 +1,8 @@
 """Wall time of the default pipeline, stage by stage, in a fresh clone; then of a no-op `dvc repro`.
 
-    python benchmarks/pipeline.py [--keep DIR]
+    python benchmarks/repro_time.py [--keep DIR]
+
+(Not benchmarks/pipeline.py: a script of that name would shadow the `pipeline` package for its neighbours.)
 
 Clones the committed HEAD into a temporary folder (its own data, models and MLflow store), runs
 every stage with `dvc repro --single-item` in the order of the DAG, then `dvc repro` twice more:
