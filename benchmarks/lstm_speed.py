@@ -2,7 +2,7 @@
 
     python benchmarks/lstm_speed.py [--reps 10] [--threads 2]
 
-Rows are timed interleaved (one rep of each in turn), medians after warm-up, so machine noise
+Rows are timed interleaved (one rep of each in turn, in a shuffled order), medians after warm-up, so machine noise
 hits every row alike. Targets on a 2-core CPU: GateLSTM train step <= 1.05x nn.LSTM's;
 forward with traces <= 2.5x nn.LSTM's forward.
 """
@@ -10,6 +10,7 @@ forward with traces <= 2.5x nn.LSTM's forward.
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 
@@ -54,8 +55,11 @@ def rows(batch: int, seq: int, inp: int, hidden: int, device: str):
 def measure(fns: dict, reps: int, device: str) -> dict[str, float]:
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     times = {name: [] for name in fns}
+    order = list(fns)
     for rep in range(reps + 2):  # two warm-up rounds
-        for name, fn in fns.items():
+        random.Random(rep).shuffle(order)  # no row always follows the same neighbour (caches, allocator)
+        for name in order:
+            fn = fns[name]
             sync()
             start = time.perf_counter()
             fn()
@@ -67,7 +71,7 @@ def measure(fns: dict, reps: int, device: str) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--sizes", default="64x100x64x256,64x1000x64x256",
