@@ -45,14 +45,6 @@ def tiny_params(tmp: Path):
     })
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # other processes share these 2 cores: one thread avoids the stalls
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     from pipeline.prepare import prepare

@@ -29,15 +29,6 @@ TOKENS = ["<pad>", "<eos>", "a", "b", "c", "d", "e", "f"]  # 0 pad, 1 <eos>: the
 WORDS = ["<pad>", "<unk>", "<bos>", "<eos>", "w4", "w5", "w6", "w7", "w8", "w9"]  # translation's convention
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread and crawl when another process holds the other core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def build(cls, vocab: dict, dims: dict | None = None, seed: int = 0, lr: float = 0.02, **model):
     torch.manual_seed(seed)
     cfg = {"hidden_size": HIDDEN, "embedding_dim": 12, "dropout": 0.0, **model}

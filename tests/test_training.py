@@ -30,15 +30,6 @@ DDP_EPOCHS = 4
 DDP_STEPS = DDP_EPOCHS * (N_TRAIN // BATCH)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread and crawl when another process holds the other core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def digits_like(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Random 28x28 "images" whose label says which half and which side is brighter: learnable."""
     x = rng.random((n, 28, 28), dtype=np.float32)
