@@ -254,3 +254,32 @@ def test_nan_loss_through_the_cli_is_one_error_line(tmp_path):
     assert len(errors) == 1 and "train_loss is nan" in errors[0], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "models" / TASK).exists()
+
+
+# --- MLflow under DDP ----------------------------------------------------------------------------
+
+
+def test_two_process_training_makes_one_mlflow_run(data_root, tmp_path, monkeypatch):
+    """Only global rank 0 talks to MLflow: a 2-process run is one run, with every step's train_loss once."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.config import TrackingConfig
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    params = make_params(dropout=0.0, epochs=2, devices=2, strategy="ddp_spawn").model_copy(
+        update={"tracking": TrackingConfig(uri=uri, artifact_location=str(tmp_path / "mlruns"))})
+    out = tmp_path / "run"
+    train(TASK, params, data_root=data_root, models_root=out / "models", ckpt_root=out / "checkpoints",
+          track=True, root=tmp_path)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(params.tracking.experiment)
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    (run,) = runs
+    config = json.loads((out / "models" / TASK / "config.json").read_text())
+    assert config["mlflow_run_id"] == run.info.run_id and config["world_size"] == 2
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+    assert sorted(steps) == list(range(config["global_step"]))  # each step once: rank 1 logged nothing
+    assert run.data.tags["world_size"] == "2"
