@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import TASKS, tiny_raw_params
 
 from pipeline import evaluate as ev
 from pipeline import gates
@@ -26,23 +27,8 @@ from pipeline.datasets.prepared import Prepared, load_manifest, save_prepared
 from pipeline.models.saved import load_trained
 from pipeline.tasks import get_task
 
-TASKS = ("digits", "translation", "charlm")
 PRIMES = ("ROMEO:", "First Citizen:\n", "The king")  # what evaluate samples the char LM from
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def tiny_params(tmp: Path):
-    return parse_params({
-        "seed": 3,
-        "tasks": list(TASKS),
-        "tracking": {"uri": f"sqlite:///{tmp}/mlflow.db", "artifact_location": str(tmp / "mlruns")},
-        "digits": {"data": {"max_samples": 300}, "model": {"hidden_size": 16},
-                   "train": {"max_epochs": 2, "batch_size": 32}},
-        "translation": {"data": {"max_number": 200}, "model": {"hidden_size": 16, "embedding_dim": 8},
-                        "train": {"max_epochs": 2, "batch_size": 32}},
-        "charlm": {"data": {"max_chars": 20_000}, "model": {"hidden_size": 16, "embedding_dim": 8},
-                   "train": {"max_epochs": 1, "batch_size": 16, "block_size": 32, "limit_train_batches": 5}},
-    })
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +37,7 @@ def trained(tmp_path_factory):
     from pipeline.train import train
 
     tmp = tmp_path_factory.mktemp("evaluate")
-    params = tiny_params(tmp)
+    params = parse_params(tiny_raw_params(tmp))
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         for task in TASKS:

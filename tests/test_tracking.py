@@ -26,6 +26,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from tiny import TASKS, tiny_raw_params
 
 from pipeline import tracking
 from pipeline.config import PipelineError, parse_params
@@ -34,27 +35,7 @@ from pipeline.register import ALIAS, is_better, register_all, register_task
 from pipeline.tasks import get_task
 
 REPO = Path(__file__).resolve().parents[1]
-TASKS = ("digits", "translation", "charlm")
 ENV = "MLFLOW_TRACKING_URI"
-
-
-def raw_params(tmp: Path, **lr: float) -> dict:
-    """Tiny settings over a store in `tmp`; lr=... per task key changes that task's learning rate."""
-    raw = {
-        "seed": 3,
-        "tasks": list(TASKS),
-        "tracking": {"uri": f"sqlite:///{tmp}/mlflow.db", "artifact_location": str(tmp / "mlruns"),
-                     "experiment": "tiny"},
-        "digits": {"data": {"max_samples": 300}, "model": {"hidden_size": 16},
-                   "train": {"max_epochs": 2, "batch_size": 32}},
-        "translation": {"data": {"max_number": 200}, "model": {"hidden_size": 16, "embedding_dim": 8},
-                        "train": {"max_epochs": 2, "batch_size": 32}},
-        "charlm": {"data": {"max_chars": 20_000}, "model": {"hidden_size": 16, "embedding_dim": 8},
-                   "train": {"max_epochs": 1, "batch_size": 16, "block_size": 32, "limit_train_batches": 5}},
-    }
-    for task, value in lr.items():
-        raw[task]["train"]["lr"] = value
-    return raw
 
 
 def no_env_uri(mp: pytest.MonkeyPatch) -> None:
@@ -76,7 +57,7 @@ def store(tmp_path_factory):
     from pipeline.train import train
 
     tmp = tmp_path_factory.mktemp("tracking")
-    params = parse_params(raw_params(tmp))
+    params = parse_params(tiny_raw_params(tmp))
     ns = SimpleNamespace(tmp=tmp, params=params, data=tmp / "data", models=tmp / "models",
                          metrics=tmp / "metrics", uri=f"sqlite:///{tmp}/mlflow.db")
     threads = torch.get_num_threads()
@@ -184,7 +165,7 @@ def retrain(store, task: str, name: str, lr: float, key_value: float) -> SimpleN
     from pipeline.evaluate import evaluate
     from pipeline.train import train
 
-    params = parse_params(raw_params(store.tmp, **{task: lr}))
+    params = parse_params(tiny_raw_params(store.tmp, **{task: lr}))
     out = SimpleNamespace(models=store.tmp / f"models_{name}", metrics=store.tmp / f"metrics_{name}")
     train(task, params, data_root=store.data, models_root=out.models, ckpt_root=store.tmp / f"ckpt_{name}",
           root=REPO)
@@ -258,7 +239,7 @@ def test_register_all_checks_every_task_first_and_writes_receipts(store, registe
     before = {t: (versions(store, t), str(champion(store, t).version)) for t in TASKS}
     roots = {"registry_root": tmp_path / "registry", "models_root": store.models, "metrics_root": store.metrics,
              "root": REPO}
-    with_melody = parse_params(raw_params(store.tmp) | {"tasks": [*TASKS, "melody"]})
+    with_melody = parse_params(tiny_raw_params(store.tmp) | {"tasks": [*TASKS, "melody"]})
     with pytest.raises(PipelineError, match="no metrics for melody"):  # before registering anything
         register_all(with_melody, **roots)
     assert list(tmp_path.iterdir()) == []
@@ -334,7 +315,7 @@ def test_pyfunc_charlm_samples_like_the_model(store, registered):
 
 def test_cli_sample_prints_the_champions_text(store, registered, tmp_path):
     _, model = champion_model(store, "charlm")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw_params(store.tmp)))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_raw_params(store.tmp)))
     env = {k: v for k, v in os.environ.items() if k != ENV} | {"OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "pipeline", "sample", "--prime", "The king", "--length", "50", "--temperature", "0"]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
@@ -342,7 +323,7 @@ def test_cli_sample_prints_the_champions_text(store, registered, tmp_path):
     assert done.stdout.startswith("The king")
     assert done.stdout == model.sample("The king", 50, temperature=0) + "\n"
 
-    bad = raw_params(store.tmp) | {"tracking": {"uri": "http://127.0.0.1:9"}}
+    bad = tiny_raw_params(store.tmp) | {"tracking": {"uri": "http://127.0.0.1:9"}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(bad))
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stdout == ""
