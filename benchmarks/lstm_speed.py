@@ -10,14 +10,18 @@ forward with traces <= 2.5x nn.LSTM's forward.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
 import time
 
-import torch
+# as `python -m pipeline` runs: large tensors on transparent huge pages (THP_MEM_ALLOC_ENABLE=0 to compare)
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import torch  # noqa: E402
 from torch import nn
 
-from pipeline.lstm import GateLSTM, reference_lstm
+from pipeline.lstm import GateLSTM, reference_lstm  # noqa: E402
 
 
 def rows(batch: int, seq: int, inp: int, hidden: int, device: str):
@@ -78,7 +82,8 @@ def main() -> None:
                     help="batch x seq x input x hidden, comma-separated")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, reps {args.reps}")
+    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, reps {args.reps}, "
+          f"THP_MEM_ALLOC_ENABLE={os.environ['THP_MEM_ALLOC_ENABLE']}")
     for size in args.sizes.split(","):
         b, t, i, h = (int(v) for v in size.split("x"))
         med = measure(rows(b, t, i, h, args.device), args.reps, args.device)
