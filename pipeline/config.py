@@ -33,6 +33,12 @@ class ConfigError(PipelineError):
     pass
 
 
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """What a library's exception says, cut to one line for a PipelineError."""
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:limit]
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 from collections import Counter
 from fractions import Fraction
 from pathlib import Path
@@ -21,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.atomic import atomic_dir
 from pipeline.config import Params, PipelineError
 from pipeline.tasks import Task, get_task
 
@@ -235,14 +234,6 @@ def _trace_and_labels(model, dm, split, task: Task):
     return trace, labels
 
 
-def _atomic_dirs(*targets: Path):
-    temps = []
-    for target in targets:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temps.append(Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent)))
-    return temps
-
-
 def evaluate(task_name: str, params: Params, *, data_root: Path = DATA_ROOT, models_root: Path = MODELS_ROOT,
              metrics_root: Path = METRICS_ROOT, plots_root: Path = PLOTS_ROOT, samples_root: Path = SAMPLES_ROOT,
              track: bool = True, root: Path = Path(".")) -> str:
@@ -257,15 +248,16 @@ def evaluate(task_name: str, params: Params, *, data_root: Path = DATA_ROOT, mod
     split = "val" if task.topology == "char_lm" else "test"  # charlm's test text is its val text
     metrics_file = metrics_root / f"{task_name}.json"
     plots_dir, samples_dir = plots_root / task_name, samples_root / task_name
-    tmp_plots, tmp_samples = _atomic_dirs(plots_dir, samples_dir)
-    try:
+    # plots and samples swap in together, only once everything is computed; the metrics file last
+    with atomic_dir(plots_dir) as tmp_plots, atomic_dir(samples_dir) as tmp_samples:
         with torch.no_grad():
             metrics, baseline = EVALUATORS[task.topology](model, dm, split, tmp_plots, tmp_samples)
+        if task.key_metric not in metrics:
+            raise PipelineError(f"{task_name}: the evaluator did not report the key metric {task.key_metric}")
         trace, labels = _trace_and_labels(model, dm, split, task)
         stats = gates.saturation(trace)
         gates.plot_saturation(stats, tmp_plots / "gate_saturation.png")
-        gates.plot_heatmaps(trace, tmp_plots / "gate_heatmaps.png", batch_index=0,
-                            labels=labels)
+        gates.plot_heatmaps(trace, tmp_plots / "gate_heatmaps.png", batch_index=0, labels=labels)
         (tmp_plots / "saturation.json").write_text(json.dumps(gates.saturation_plot_data(stats)))
         (tmp_samples / "gate_saturation.json").write_text(json.dumps(stats, indent=1))
         result = {**{k: round(v, 6) for k, v in metrics.items()}, "key_metric": task.key_metric,
@@ -274,24 +266,15 @@ def evaluate(task_name: str, params: Params, *, data_root: Path = DATA_ROOT, mod
                   "baseline": {k: (round(v, 6) if isinstance(v, float) else v) for k, v in baseline.items()},
                   "long_memory_units": len(stats["summary"]["long_memory_units"]),
                   "trace_reconstruction_error": float(trace.reconstruction_error)}
-        for target, tmp in ((plots_dir, tmp_plots), (samples_dir, tmp_samples)):
-            tmp.chmod(0o755)
-            shutil.rmtree(target, ignore_errors=True)
-            tmp.rename(target)
-        metrics_root.mkdir(parents=True, exist_ok=True)
-        tmp_metrics = metrics_file.with_suffix(".json.tmp")
-        tmp_metrics.write_text(json.dumps(result, indent=1) + "\n")
-        tmp_metrics.replace(metrics_file)
-    finally:
-        for tmp in (tmp_plots, tmp_samples):
-            shutil.rmtree(tmp, ignore_errors=True)
+    metrics_root.mkdir(parents=True, exist_ok=True)
+    tmp_metrics = metrics_file.with_suffix(".json.tmp")
+    tmp_metrics.write_text(json.dumps(result, indent=1) + "\n")
+    tmp_metrics.replace(metrics_file)
     if track and info.get("mlflow_run_id"):
         from pipeline import tracking
 
         tracking.log_evaluation(params, info["mlflow_run_id"], result,
                                 [metrics_file, plots_dir, samples_dir], root=root)
     shown = ", ".join(f"{k} {result[k]:.4f}" for k in metrics)
-    if task.key_metric not in metrics:
-        raise PipelineError(f"{task_name}: the evaluator did not report the key metric {task.key_metric}")
     return f"{task_name}: {shown} (baseline {baseline['name']}: " + ", ".join(
         f"{k} {v:.4f}" for k, v in baseline.items() if k != "name") + f") on {result['samples']} {split} samples"

@@ -32,9 +32,6 @@ so both cores of one gap see the same data in the same order.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -45,7 +42,8 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from pipeline.config import LongRangeConfig, Params, PipelineError
+from pipeline.atomic import atomic_dir
+from pipeline.config import LongRangeConfig, Params
 from pipeline.gates import saturation
 from pipeline.lstm import GateLSTM, GateTrace, VanillaRNN
 
@@ -214,7 +212,7 @@ def _run_longrange(params: Params, out_dir: Path) -> str:
     results["timings"]["total_s"] = round(time.perf_counter() - start, 3)
 
     rows = [{"gap": g, "core": core, "accuracy": acc} for core in CORES for g, acc in zip(cfg.gaps, results[core])]
-    with _atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         (tmp / "accuracy.json").write_text(json.dumps(rows, indent=2) + "\n")
         plot_accuracy(results, tmp / "accuracy.png")
@@ -310,40 +308,4 @@ def plot_forget_gate(trace: GateTrace, y: Tensor, carriers: list[dict], path: Pa
                  f"query at step {T - 1}")
     fig.savefig(path, format="png", dpi=110)
     return fig
-
-
-class _atomic_dir:  # a context manager that reads like a function
-    """Write into a fresh temp dir next to `target`; on success swap it in, on failure remove it."""
-
-    def __init__(self, target: Path):
-        self.target = target
-
-    def __enter__(self) -> Path:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        os.chmod(self.tmp, 0o755)  # mkdtemp makes it 0700
-        old = None
-        if self.target.exists() or self.target.is_symlink():
-            if not self.target.is_dir():
-                shutil.rmtree(self.tmp, ignore_errors=True)
-                raise PipelineError(f"{self.target} exists and is not a folder")
-            old = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.old-", dir=self.target.parent))
-            os.replace(self.target, old / "previous")
-        try:
-            os.replace(self.tmp, self.target)
-        except OSError:
-            if old is not None:
-                os.replace(old / "previous", self.target)
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            raise
-        finally:
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        return False
 

@@ -12,10 +12,9 @@ A failure part-way deletes the version it made and leaves the alias where it was
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
+from pipeline.atomic import atomic_dir
 from pipeline.config import Params, PipelineError
 from pipeline.tasks import get_task
 
@@ -60,12 +59,12 @@ def register_task(task_name: str, params: Params, *, models_root: Path = MODELS_
         for k, v in tags.items():
             client.set_model_version_tag(task_name, version, k, v)
         champion = tracking.alias_version(client, task_name, ALIAS)
+        current = champion is not None and str(champion.version) == str(version)  # this run is the champion
         old_value = None
-        if champion is not None and str(champion.version) != str(version):
+        if champion is not None and not current:
             old_value = float(champion.tags.get(f"metric.{key}", "nan"))
             old_value = None if old_value != old_value else old_value
-        move = (champion is None or str(champion.version) == str(version)
-                or is_better(new_value, old_value, task.higher_is_better))
+        move = champion is None or current or is_better(new_value, old_value, task.higher_is_better)
         if move:
             client.set_registered_model_alias(task_name, ALIAS, str(version))
     except BaseException:
@@ -74,14 +73,14 @@ def register_task(task_name: str, params: Params, *, models_root: Path = MODELS_
         raise
     if champion is None:
         why = "first version"
-    elif str(champion.version) == str(version):
+    elif current:
         why = "already champion"
     else:
         why = (f"{key} {new_value:.4f} {'>=' if task.higher_is_better else '<='} champion v{champion.version}'s "
                f"{old_value}" if move else f"{key} {new_value:.4f} is worse than champion v{champion.version}'s "
                f"{old_value:.4f}")
     return {"name": task_name, "version": int(version), "run_id": run_id, "key_metric": key, "value": new_value,
-            "alias": ALIAS, "alias_moved": bool(move and (champion is None or str(champion.version) != str(version))),
+            "alias": ALIAS, "alias_moved": bool(move and not current),
             "champion_version": int(version) if move else int(champion.version), "why": why,
             "new_version": made_here}
 
@@ -92,16 +91,9 @@ def register_all(params: Params, *, registry_root: Path = REGISTRY_ROOT, **kwarg
     if missing:  # check everything before registering anything
         raise PipelineError(f"no metrics for {', '.join(missing)}; run `dvc repro evaluate`")
     receipts = [register_task(task, params, **kwargs) for task in params.tasks]
-    registry_root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".registry.", dir=registry_root.parent or Path(".")))
-    try:
+    with atomic_dir(registry_root) as tmp:
         for receipt in receipts:
             (tmp / f"{receipt['name']}.json").write_text(json.dumps(receipt, indent=1) + "\n")
-        tmp.chmod(0o755)
-        shutil.rmtree(registry_root, ignore_errors=True)
-        tmp.rename(registry_root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return "registered: " + ", ".join(
         f"{r['name']} v{r['version']}{' (champion)' if r['champion_version'] == r['version'] else ''}"
         for r in receipts)

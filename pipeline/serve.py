@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.config import Params, PipelineError
+from pipeline.config import Params, PipelineError, first_line
 
 
 def load(params: Params, uri: str):
@@ -25,8 +25,7 @@ def load(params: Params, uri: str):
         with tracking.mlflow_uri(tracking.tracking_uri(params)):
             return mlflow.pyfunc.load_model(uri)
     except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise PipelineError(f"cannot load {uri}: {first[:200]} (run `dvc repro register` first?)") from None
+        raise PipelineError(f"cannot load {uri}: {first_line(err)} (run `dvc repro register` first?)") from None
 
 
 def sample(params: Params, uri: str, prime: str, length: int, temperature: float, top_k: int | None) -> str:

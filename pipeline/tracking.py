@@ -14,7 +14,7 @@ import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.config import Params, PipelineError
+from pipeline.config import Params, PipelineError, first_line
 
 
 def is_global_zero() -> bool:
@@ -84,8 +84,7 @@ def experiment_id(params: Params, root: Path = Path(".")) -> str:
                 return found.experiment_id
             return client.create_experiment(params.tracking.experiment, artifact_location(params, root))
     except Exception as err:  # MLflow raises many kinds; the user needs the first line
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise PipelineError(f"MLflow tracking store {uri} is unreachable or unwritable: {first[:200]}") from None
+        raise PipelineError(f"MLflow tracking store {uri} is unreachable or unwritable: {first_line(err)}") from None
 
 
 def git_commit(root: Path = Path(".")) -> str:
@@ -130,14 +129,13 @@ def make_logger(params: Params, task: str, tags: dict, run_id: str | None = None
 
 def log_evaluation(params: Params, run_id: str, metrics: dict, paths: list[Path], root: Path = Path(".")) -> None:
     """Evaluation results into the training run: test metrics and every file it wrote."""
+    import time
+
+    from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri(params, root))
     values = {f"test_{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    import time
-
-    from mlflow.entities import Metric
-
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in values.items()])
     for path in paths:
@@ -201,10 +199,9 @@ def log_and_register(params: Params, name: str, model_dir: Path, run_id: str, ro
         for f in ("weights.safetensors", "config.json"):  # no checkpoints: weights and config only
             (weights / f).write_bytes((model_dir / f).read_bytes())
         # the output schema: what predict gives for the example
-        import importlib
+        from pipeline.pyfunc_model import RNNPyfunc
 
-        pyfunc_module = importlib.import_module("pipeline.pyfunc_model")
-        loaded = pyfunc_module.RNNPyfunc()
+        loaded = RNNPyfunc()
         loaded.load_context(type("Ctx", (), {"artifacts": {"model": str(weights)}})())
         output = loaded.predict(None, example)
         signature = infer_signature(example, output)

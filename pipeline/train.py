@@ -13,10 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
-from pipeline.config import Params, PipelineError
+from pipeline.config import Params, PipelineError, first_line
 from pipeline.tasks import get_task
 
 DATA_ROOT, MODELS_ROOT, CKPT_ROOT = Path("data/prepared"), Path("models"), Path("checkpoints")
@@ -69,8 +68,7 @@ def build_trainer(params: Params, task: str, ckpt_dir: Path, logger, extra_callb
             enable_model_summary=False,
         )
     except (MisconfigurationException, ValueError, TypeError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise PipelineError(f"trainer {params.trainer.model_dump()}: {first[:300]}") from None
+        raise PipelineError(f"trainer {params.trainer.model_dump()}: {first_line(err, 300)}") from None
     if cfg.batch_size % trainer.world_size:
         raise PipelineError(f"{task}.train.batch_size {cfg.batch_size} is not divisible by the "
                             f"{trainer.world_size} devices (trainer.devices x trainer.num_nodes)")
@@ -81,21 +79,15 @@ def write_model_dir(out_dir: Path, model, info: dict, ckpt_dir: Path) -> None:
     """models/<task>/: weights.safetensors + config.json (+ the checkpoints), in one rename."""
     from safetensors.torch import save_file
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    from pipeline.atomic import atomic_dir
+
+    with atomic_dir(out_dir) as tmp:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, tmp / "weights.safetensors")
         (tmp / "config.json").write_text(json.dumps(info, indent=1, ensure_ascii=False))
         for name in ("best.ckpt", "last.ckpt"):
             if (ckpt_dir / name).exists():
                 shutil.copy2(ckpt_dir / name, tmp / name)
-        tmp.chmod(0o755)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def train(task_name: str, params: Params, *, data_root: Path = DATA_ROOT, models_root: Path = MODELS_ROOT,

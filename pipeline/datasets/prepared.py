@@ -14,15 +14,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import shutil
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.atomic import atomic_dir
 from pipeline.config import PipelineError
 
 SPLITS = ("train", "val", "test")
@@ -58,12 +56,9 @@ def _length_stats(arrays: dict[str, np.ndarray]) -> dict:
 
 def save_prepared(prepared: Prepared, out_dir: str | Path) -> dict:
     """Write `prepared` to `out_dir` atomically; return the manifest."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        digest = hashlib.sha256()
-        counts, lengths = {}, {}
+    digest = hashlib.sha256()
+    counts, lengths = {}, {}
+    with atomic_dir(out_dir) as tmp:
         for split, arrays in sorted(prepared.splits.items()):
             blob = _npz_bytes(arrays)
             digest.update(split.encode() + blob)
@@ -82,19 +77,7 @@ def save_prepared(prepared: Prepared, out_dir: str | Path) -> dict:
             "content_sha256": digest.hexdigest(),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True, ensure_ascii=False))
-        os.chmod(tmp, 0o755)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
-        return manifest
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return manifest
 
 
 def _require(path: Path) -> Path:
