@@ -116,6 +116,9 @@ class ModelConfig(Section):
     embedding_dim: int = Field(64, gt=0)  # token inputs only
     attention: bool = True  # seq2seq only: Luong dot attention over encoder states
     frame_stride: int = Field(1, gt=0)  # feature sequences: k consecutive steps -> one step of k x features
+    # many_to_one, many_to_many and the seq2seq encoder: read each sequence both ways (Schuster & Paliwal
+    # 1997). Many-to-many labels then see the future: right for offline labelling, not for streaming
+    bidirectional: bool = False
 
 
 class TrainConfig(Section):

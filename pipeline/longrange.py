@@ -95,7 +95,7 @@ class LongRangeClassifier(nn.Module):
             raise ValueError(f"chrono_tmax must be > 2, got {chrono_tmax}")
         self.core_name = core
         self.embed = nn.Embedding(vocab_size + num_distractors + 1, hidden_size)
-        self.core = (GateLSTM if core == "lstm" else VanillaRNN)(hidden_size, hidden_size)
+        self.core = (GateLSTM if core == "lstm" else VanillaRNN)(hidden_size, hidden_size, batch_first=True)
         self.head = nn.Linear(hidden_size, vocab_size)
         if core == "lstm":
             H = hidden_size

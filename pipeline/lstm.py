@@ -7,16 +7,24 @@ The LSTM walk-through, one step (gate order i, f, g, o, as in `nn.LSTM`):
     candidate    g_t = tanh   (W_ig x_t + b_ig + W_hg h_{t-1} + b_hg)   what to write
     output_gate  o_t = sigmoid(W_io x_t + b_io + W_ho h_{t-1} + b_ho)   how much to show
     cell         c_t = f_t * c_{t-1} + i_t * g_t
-    hidden       h_t = o_t * tanh(c_t)
+    hidden       h_t = o_t * tanh(c_t)            (with proj_size > 0: h_t = W_hr (o_t * tanh(c_t)))
 
 `reference_step` is that walk-through, line by line. `GateLSTM` never runs it in training: it
-runs each layer through the fused kernel (cuDNN on GPU, oneDNN/ATen on CPU) and, only when
-asked for gates, recovers them exactly from what the kernel returned. Every h_t is known, so
-all pre-activations of a layer are one batched matrix product over all steps; the cell is a
-cheap elementwise recurrence; and o_t * tanh(c_t) must give back h_t, a free self-check.
+is an `nn.LSTM` (a subclass: same constructor, parameters, checks and fused kernel) whose
+forward can also return a `GateTrace`. Only when gates are asked for does it run the layers one
+fused call at a time, so each layer's input (after inter-layer dropout) is known, and recover
+the gates exactly from what the kernel returned: every h_t is known, so all pre-activations of
+a layer are one batched matrix product over all steps; the cell is a cheap elementwise
+recurrence; and o_t * tanh(c_t) must give back h_t, a free self-check.
 
-Layers run one fused call at a time so each layer's input (after inter-layer dropout) is known.
-Parameters keep `nn.LSTM`'s names and layout, so state dicts load both ways with strict=True.
+`VanillaRNN` is the same over `nn.RNN` (tanh or relu): its trace holds `hidden` only, and its
+self-check is act(W_ih x_t + W_hh h_{t-1} + b) == h_t.
+
+torch.compile: dynamo graph-breaks on every `nn.LSTM`/`nn.RNN` (subclasses included) and runs
+it eagerly, so the fused kernel stays out of the graph as it does for nn.LSTM. With
+`torch._dynamo.config.allow_rnn=True` dynamo traces into forward; the gate recovery then uses
+the public `torch.addmm` instead of oneDNN's private linear op. `torch.jit.script` refuses with a
+RuntimeError that says so (TorchScript cannot express `lengths=`, `return_gates=` or GateTrace).
 """
 
 from __future__ import annotations
@@ -34,10 +42,26 @@ __all__ = ["GateLSTM", "GateTrace", "VanillaRNN", "reference_step", "reference_l
 
 @dataclass
 class GateTrace:
-    """Per-step activations, each (num_layers, batch, time, hidden_size), detached from autograd.
+    """Per-step activations, each (num_layers * num_directions, batch, time, size), no autograd.
+
+    Layout of the first axis: as nn.LSTM's h_n, entry `layer * num_directions + direction`
+    (direction 1 is the reverse one of a bidirectional module). Time runs in the input's order
+    for both directions: the reverse direction's entry at step t is its state after reading
+    x_T .. x_t. Gates and cell are hidden_size wide; `hidden` is h_t as the module returns it
+    (proj_size wide with projections). Unbatched input still gets a batch axis of 1.
 
     Steps past a sequence's length are NaN (so nan-aware statistics skip them) and `mask`
     (batch, time) is True on real steps. A vanilla RNN's trace holds `hidden` only.
+
+    dtype: the parameters' dtype. Under autocast the kernel's output is in the autocast dtype
+    (e.g. bf16) while the trace is recomputed in the parameters' dtype (float32) from that
+    output, so the self-check then measures bf16 rounding (~1e-2), not a bug.
+    Traces are detached: they carry no gradient (they are for inspection; train on the output).
+
+    reconstruction_error: max over real steps of |recomputed h_t - h_t from the kernel|
+    (o_t * tanh(c_t), projected when proj_size > 0; act(pre-activation) for a vanilla RNN).
+    It is NaN when any real step's reconstruction is NaN (a NaN or inf in the input, state or
+    weights): a NaN is never reported as a small error.
     """
 
     input_gate: Tensor | None
@@ -47,8 +71,8 @@ class GateTrace:
     cell: Tensor | None
     hidden: Tensor
     mask: Tensor
-    # max |o_t * tanh(c_t) - h_t| over real steps: the recovered gates reproduce the fused pass
     reconstruction_error: float = 0.0
+    num_directions: int = 1
 
     GATES = ("input_gate", "forget_gate", "candidate", "output_gate")
 
@@ -60,12 +84,19 @@ class GateTrace:
                 yield f.name, value
 
     def layer(self, k: int) -> dict[str, Tensor]:
+        """Entry k of the first axis (layer k // num_directions, direction k % num_directions)."""
         return {name: value[k] for name, value in self.items()}
 
 
-def reference_step(x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor):
+# --- the readable reference --------------------------------------------------------------------
+
+
+def reference_step(x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None,
+                   b_hh: Tensor | None = None, w_hr: Tensor | None = None):
     """One LSTM step written as the walk-through reads. Returns (h, c, gates dict)."""
-    pre = x @ w_ih.T + b_ih + h @ w_hh.T + b_hh
+    pre = x @ w_ih.T + h @ w_hh.T
+    if b_ih is not None:
+        pre = pre + b_ih + b_hh
     i, f, g, o = pre.chunk(4, dim=-1)
     input_gate = torch.sigmoid(i)
     forget_gate = torch.sigmoid(f)
@@ -73,36 +104,53 @@ def reference_step(x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, 
     output_gate = torch.sigmoid(o)
     cell = forget_gate * c + input_gate * candidate  # forget some of the old, write some of the new
     hidden = output_gate * torch.tanh(cell)  # show a filtered view of the cell
+    if w_hr is not None:
+        hidden = hidden @ w_hr.T  # LSTM with projections (Sak et al. 2014)
     gates = dict(input_gate=input_gate, forget_gate=forget_gate, candidate=candidate, output_gate=output_gate)
     return hidden, cell, gates
 
 
 def reference_lstm(lstm: GateLSTM | nn.LSTM, x: Tensor, state: tuple[Tensor, Tensor] | None = None):
-    """The naive per-step loop (batch-first x, eval semantics): (output, (h_n, c_n), GateTrace).
+    """The naive per-step loop over batch-first x (eval semantics, dense input, any bias/
+    bidirectional/proj_size): (output, (h_n, c_n), GateTrace) in GateLSTM's layouts.
 
     For tests and teaching; it is what GateLSTM's fast path must equal.
     """
     B, T, _ = x.shape
+    D = 2 if lstm.bidirectional else 1
     L, H = lstm.num_layers, lstm.hidden_size
+    P = lstm.proj_size or H
     if state is None:
-        state = (x.new_zeros(L, B, H), x.new_zeros(L, B, H))
+        state = (x.new_zeros(L * D, B, P), x.new_zeros(L * D, B, H))
     record = {name: [] for name in (*GateTrace.GATES, "cell", "hidden")}
     h_n, c_n, inp = [], [], x
     for k in range(L):
-        w = [getattr(lstm, f"{n}_l{k}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
-        h, c = state[0][k], state[1][k]
-        steps = {name: [] for name in record}
-        for x_t in inp.unbind(1):  # unbind, not x[:, t]: indexing per step makes backward O(T^2)
-            h, c, gates = reference_step(x_t, h, c, *w)
-            for name, value in (*gates.items(), ("cell", c), ("hidden", h)):
-                steps[name].append(value)
-        for name in record:
-            record[name].append(torch.stack(steps[name], dim=1))
-        h_n.append(h)
-        c_n.append(c)
-        inp = record["hidden"][-1]
-    trace = GateTrace(**{n: torch.stack(v) for n, v in record.items()}, mask=x.new_ones(B, T, dtype=torch.bool))
+        outs = []
+        for d in range(D):
+            sfx = f"_l{k}" + ("_reverse" if d else "")
+            w = [getattr(lstm, f"{n}{sfx}") for n in ("weight_ih", "weight_hh")]
+            b = [getattr(lstm, f"{n}{sfx}") for n in ("bias_ih", "bias_hh")] if lstm.bias else [None, None]
+            w_hr = getattr(lstm, f"weight_hr{sfx}") if lstm.proj_size else None
+            h, c = state[0][k * D + d], state[1][k * D + d]
+            steps = {name: [] for name in record}
+            xs = inp.unbind(1)  # unbind, not x[:, t]: indexing per step makes backward O(T^2)
+            for x_t in (reversed(xs) if d else xs):
+                h, c, gates = reference_step(x_t, h, c, *w, *b, w_hr)
+                for name, value in (*gates.items(), ("cell", c), ("hidden", h)):
+                    steps[name].append(value)
+            for name in record:
+                seq = steps[name][::-1] if d else steps[name]  # back to input order
+                record[name].append(torch.stack(seq, dim=1))
+            h_n.append(h)
+            c_n.append(c)
+            outs.append(record["hidden"][-1])
+        inp = torch.cat(outs, dim=-1)
+    trace = GateTrace(**{n: torch.stack(v) for n, v in record.items()}, mask=x.new_ones(B, T, dtype=torch.bool),
+                      num_directions=D)
     return inp, (torch.stack(h_n), torch.stack(c_n)), trace
+
+
+# --- gate recovery: the fast path ------------------------------------------------------------------
 
 
 def _onednn_linear_available() -> bool:
@@ -118,213 +166,373 @@ _ONEDNN_LINEAR = _onednn_linear_available()
 
 def _linear(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
     """x @ w.T + b. On CPU in float32, oneDNN's matmul (the library behind the fused LSTM kernel)
-    ran these tall-skinny products about 2x faster than the default BLAS path on our 2-core machine."""
-    if _ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32:
+    ran these tall-skinny products about 2x faster than the default BLAS path on our 2-core machine.
+    Under torch.compile the public addmm (inductor cannot lower the private oneDNN op)."""
+    if (_ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32
+            and not torch.compiler.is_compiling()):
         return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
     return torch.addmm(b, x, w.T)
 
 
-class _FusedRecurrent(nn.Module):
-    """Shared body: nn.LSTM/nn.RNN parameter layout, one fused kernel call per layer."""
+def _preactivations(x: Tensor, h: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b: Tensor | None,
+                    row_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Every step's W_ih x_t + W_hh h_{t-1} + b as one product. x (T, B, I), h (T, B, P) time-major,
+    h0 (B, P). Returns (pre-activations (T, B, G), h as a (T, B, P) view of the buffer used).
 
-    gate_count = 4
+    Rows t of one buffer hold [x_t, h_{t-1}]; row T holds h_{T-1}, so the returned hidden is a view
+    and never copied again. row_scale (G,) scales weight rows and bias (the candidate trick)."""
+    T, B, I = x.shape
+    P = h.shape[-1]
+    xh = torch.empty(T + 1, B, I + P, dtype=w_ih.dtype, device=w_ih.device)
+    xh[:T, :, :I] = x
+    xh[T, :, :I] = 0
+    xh[0, :, I:] = h0
+    xh[1:, :, I:] = h
+    w = torch.cat([w_ih, w_hh], 1)
+    if b is None:
+        b = w.new_zeros(w.shape[0])
+    if row_scale is not None:
+        w, b = w * row_scale[:, None], b * row_scale
+    pre = _linear(xh[:T].view(T * B, I + P), w, b).view(T, B, -1)
+    return pre, xh[1:, :, I:]
 
-    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, dropout: float = 0.0,
-                 batch_first: bool = True):
-        super().__init__()
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
-        self.dropout, self.batch_first = float(dropout), batch_first
-        G = self.gate_count * hidden_size
-        for k in range(num_layers):
-            layer_in = input_size if k == 0 else hidden_size
-            self.register_parameter(f"weight_ih_l{k}", nn.Parameter(torch.empty(G, layer_in)))
-            self.register_parameter(f"weight_hh_l{k}", nn.Parameter(torch.empty(G, hidden_size)))
-            self.register_parameter(f"bias_ih_l{k}", nn.Parameter(torch.empty(G)))
-            self.register_parameter(f"bias_hh_l{k}", nn.Parameter(torch.empty(G)))
-        self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        bound = 1.0 / math.sqrt(self.hidden_size)  # nn.LSTM's initialisation
-        for p in self.parameters():
-            nn.init.uniform_(p, -bound, bound)
+def _worst(worst: float, err: Tensor) -> float:
+    """Running max of |error| that keeps NaN (Python's max(0.0, nan) is 0.0: the old self-check's lie)."""
+    if not err.numel():
+        return worst
+    e = float(err.max())  # torch's max propagates NaN
+    return e if math.isnan(e) or e > worst else worst
 
-    def layer_weights(self, k: int) -> list[Tensor]:
-        return [getattr(self, f"{n}_l{k}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
 
-    def extra_repr(self) -> str:
-        return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
-                f"dropout={self.dropout}, batch_first={self.batch_first}")
+def _lstm_gates(x, h, h0, c0, w_ih, w_hh, b, w_hr, real):
+    """Recover one direction of one layer: gates (T, B, 4, H), cell (T, B, H), hidden view, error.
 
-    # --- the fused pass -------------------------------------------------------------------
+    real (T, B) marks real steps; all tensors time-major, steps in processing order."""
+    T, B, _ = x.shape
+    H = w_hh.shape[1] if w_hr is None else w_hr.shape[1]
+    # the candidate's rows are doubled so one sigmoid serves all four: tanh(z) = 2 sigmoid(2z) - 1, and a
+    # contiguous sigmoid is several times faster than tanh on CPU
+    scale = torch.ones(4, H, dtype=w_ih.dtype, device=w_ih.device)
+    scale[2] = 2.0
+    g, hidden = _preactivations(x, h, h0, w_ih, w_hh, b, scale.view(-1))
+    g = g.view(T, B, 4, H).sigmoid_()  # input, forget, output gates (and 2 sigmoid(2z) for the candidate)
+    g[:, :, 2].mul_(2).sub_(1)  # candidate: tanh
+    i, f, candidate, o = g.unbind(2)
+    cell = torch.mul(i, candidate)  # i_t * g_t for every step, then in place:
+    c_prev = c0.to(cell.dtype)
+    for t in range(T):  # c_t = f_t * c_{t-1} + i_t * g_t
+        c_prev = cell[t].addcmul_(f[t], c_prev)
+    # self-check: o_t * tanh(c_t) (projected) must give back the kernel's h_t (in blocks of steps, so the
+    # temporaries stay small and in cache); padded steps do not count
+    worst = 0.0
+    for t0 in range(0, T, 64):
+        span = slice(t0, t0 + 64)
+        shown = cell[span].mul(2).sigmoid_().mul_(2).sub_(1).mul_(o[span])
+        if w_hr is not None:
+            shown = shown @ w_hr.T
+        worst = _worst(worst, shown.sub_(hidden[span]).abs_()[real[span]])
+    return g, cell, hidden, worst
 
-    def _fused_layer(self, inp: Tensor, batch_sizes: Tensor | None, hx, k: int):
+
+def _rnn_hidden_check(x, h, h0, w_ih, w_hh, b, relu: bool, real) -> tuple[Tensor, float]:
+    """A vanilla RNN layer direction: (hidden view, max |act(W_ih x_t + W_hh h_{t-1} + b) - h_t|)."""
+    pre, hidden = _preactivations(x, h, h0, w_ih, w_hh, b)
+    act = pre.relu_() if relu else pre.tanh_()
+    return hidden, _worst(0.0, act.sub_(hidden).abs_()[real])
+
+
+def _reverse_index(lens: Tensor, T: int) -> Tensor:
+    """(T, B) time indices that reverse each sequence within its own length (padding stays put)."""
+    t = torch.arange(T)[:, None]
+    lens = lens[None, :]
+    return torch.where(t < lens, lens - 1 - t, t)
+
+
+def _gather_time(v: Tensor, idx: Tensor) -> Tensor:
+    """v (T, B, ...) reordered in time per sequence: out[t, b] = v[idx[t, b], b]."""
+    idx = idx.to(v.device).view(*idx.shape, *([1] * (v.dim() - 2))).expand_as(v)
+    return v.gather(0, idx)
+
+
+def _autocast_on() -> bool:
+    is_on = getattr(torch._C, "_is_any_autocast_enabled", None)  # what nn.LSTM's check_input asks
+    return bool(is_on()) if is_on is not None else torch.is_autocast_enabled()
+
+
+# --- the modules ---------------------------------------------------------------------------------
+
+
+class _Traced:
+    """What GateLSTM and VanillaRNN add to nn.LSTM / nn.RNN: input checks before any kernel call,
+    `lengths=`, and the layer-by-layer traced pass. Mixed in before the torch class."""
+
+    def _state_tuple(self, hx):
         raise NotImplementedError
 
-    def _run(self, x: Tensor | PackedSequence, lengths: Tensor | None, hx: tuple[Tensor, ...] | None):
-        """Returns (output like the input, final state tuple, per-layer (input, output) as padded batch-first)."""
-        packed = x if isinstance(x, PackedSequence) else None
-        if packed is None and lengths is not None:
-            packed = pack_padded_sequence(x, torch.as_tensor(lengths).cpu(), batch_first=self.batch_first,
-                                          enforce_sorted=False)
-        if packed is not None:
-            inp, batch_sizes, B = packed.data, packed.batch_sizes, int(packed.batch_sizes[0])
-        else:
-            inp, batch_sizes, B = x, None, x.shape[0 if self.batch_first else 1]
-        L, H = self.num_layers, self.hidden_size
-        if hx is None:
-            zeros = inp.new_zeros(L, B, H)
-            hx = (zeros,) * (2 if self.gate_count == 4 else 1)
-        elif packed is not None and packed.sorted_indices is not None:
-            hx = tuple(h.index_select(1, packed.sorted_indices) for h in hx)  # as nn.LSTM does
+    def _direction_weights(self, k: int, d: int) -> list[Tensor]:
+        sfx = f"_l{k}" + ("_reverse" if d else "")
+        names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if self.bias else [])
+        names += ["weight_hr"] if getattr(self, "proj_size", 0) else []
+        return [getattr(self, n + sfx) for n in names]
 
-        finals, layers = [], []
-        for k in range(L):
-            out, state = self._fused_layer(inp, batch_sizes, tuple(h[k : k + 1] for h in hx), k)
+    def _inter_layer_dropout(self, out: Tensor, k: int) -> Tensor:
+        """nn.LSTM's dropout on each layer's output except the last one's (the one place it happens)."""
+        if self.dropout > 0 and self.training and k < self.num_layers - 1:
+            return F.dropout(out, self.dropout, training=True)
+        return out
+
+    def _pack_lengths(self, input, lengths):
+        """Pack a padded batch by its true lengths, with clear errors for bad lengths."""
+        if isinstance(input, PackedSequence):
+            raise ValueError("lengths= is for a padded tensor; a PackedSequence already carries its lengths")
+        if not isinstance(input, Tensor) or input.dim() != 3:
+            raise ValueError(f"lengths= needs a batched 3-D input, got "
+                             f"{input.dim() if isinstance(input, Tensor) else type(input).__name__}-D")
+        B, T = (input.shape[0], input.shape[1]) if self.batch_first else (input.shape[1], input.shape[0])
+        lengths = torch.as_tensor(lengths)
+        if lengths.dim() != 1 or lengths.shape[0] != B or lengths.is_floating_point() or lengths.is_complex():
+            raise ValueError(f"lengths must be a 1-D integer tensor of {B} lengths (one per sequence), "
+                             f"got {lengths.dtype} of shape {tuple(lengths.shape)}")
+        lengths = lengths.cpu()
+        if B and (int(lengths.min()) < 1 or int(lengths.max()) > T):
+            raise ValueError(f"lengths must be in [1, {T}] (the padded length), got min {int(lengths.min())} "
+                             f"and max {int(lengths.max())}")
+        return pack_padded_sequence(input, lengths, batch_first=self.batch_first, enforce_sorted=False)
+
+    def _prepare(self, input, hx):
+        """nn.LSTM/nn.RNN forward's preamble with its checks, for every input kind (nn.LSTM skips them for
+        packed input). Returns (data, batch_sizes, sorted state, caller-order 3-D state, is_batched)."""
+        D = 2 if self.bidirectional else 1
+        P = getattr(self, "proj_size", 0) or self.hidden_size
+        hx = self._state_tuple(hx)
+        if isinstance(input, PackedSequence):
+            data, batch_sizes, sorted_indices, _ = input
+            is_batched = True
+            if data.dim() != 2:
+                raise RuntimeError(f"input must have 2 dimensions, got {data.dim()}")
+            B = int(batch_sizes[0])
+        else:
+            data, batch_sizes, sorted_indices = input, None, None
+            if input.dim() not in (2, 3):
+                raise ValueError(f"{self._kind}: Expected input to be 2D or 3D, got {input.dim()}D "
+                                 + ("instead" if self._kind == "LSTM" else "tensor instead"))
+            is_batched = input.dim() == 3
+            if not is_batched:
+                data = input.unsqueeze(0 if self.batch_first else 1)
+            B = data.size(0) if self.batch_first else data.size(1)
+            if hx is not None:
+                want = 3 if is_batched else 2
+                if any(h.dim() != want for h in hx):
+                    dims = ", ".join(f"{h.dim()}-D" for h in hx)
+                    kind = "batched 3-D" if is_batched else "unbatched 2-D"
+                    if self._kind == "LSTM":
+                        raise RuntimeError(f"For {kind} input, hx and cx should also be {want}-D but got ({dims}) "
+                                           "tensors")
+                    raise RuntimeError(f"For {kind} input, hx should also be {want}-D but got {dims} tensor")
+                if not is_batched:
+                    hx = tuple(h.unsqueeze(1) for h in hx)
+        if hx is None:
+            sizes = [P, self.hidden_size] if self._kind == "LSTM" else [self.hidden_size]
+            hx = tuple(torch.zeros(self.num_layers * D, B, s, dtype=data.dtype, device=data.device) for s in sizes)
+        self._check_forward(data, hx, batch_sizes)
+        sorted_hx = hx if sorted_indices is None else tuple(h.index_select(1, sorted_indices) for h in hx)
+        return data, batch_sizes, sorted_hx, hx, is_batched
+
+    def _check_forward(self, data, hx, batch_sizes):
+        self.check_forward_args(data, hx if self._kind == "LSTM" else hx[0], batch_sizes)
+        for h in hx:  # beyond nn.LSTM's checks: the kernel must never see these
+            if h.device != data.device:
+                raise RuntimeError(f"Input and hidden tensors are not at the same device, found input tensor at "
+                                   f"{data.device} and hidden tensor at {h.device}")
+            if h.dtype != data.dtype and not _autocast_on():
+                raise RuntimeError(f"Input and hidden tensors must have the same dtype, got {data.dtype} and "
+                                   f"{h.dtype}")
+
+    def _fused(self, inp, batch_sizes, hx, weights):
+        raise NotImplementedError
+
+    def _layer_by_layer(self, data, batch_sizes, hx):
+        """One fused call per layer (both directions in one call): (output data, final state, layer ios)."""
+        D = 2 if self.bidirectional else 1
+        finals, layers, inp = [], [], data
+        for k in range(self.num_layers):
+            weights = [w for d in range(D) for w in self._direction_weights(k, d)]
+            out, state = self._fused(inp, batch_sizes, tuple(h[k * D : (k + 1) * D] for h in hx), weights)
             finals.append(state)
             layers.append((inp, out))
-            if k < L - 1 and self.dropout > 0 and self.training:
-                out = F.dropout(out, self.dropout, training=True)  # nn.LSTM's inter-layer dropout
-            inp = out
-        final = tuple(torch.cat(parts) for parts in zip(*finals))
+            inp = self._inter_layer_dropout(out, k)
+        return out, tuple(torch.cat(parts) for parts in zip(*finals)), layers
 
-        if packed is None:
-            return out, final, layers, None
-        if packed.unsorted_indices is not None:
-            final = tuple(h.index_select(1, packed.unsorted_indices) for h in final)
-        rewrap = lambda data: PackedSequence(data, batch_sizes, packed.sorted_indices, packed.unsorted_indices)  # noqa: E731
-        output = rewrap(out)
-        if not isinstance(x, PackedSequence):
-            total = x.shape[1 if self.batch_first else 0]
-            output = pad_packed_sequence(output, batch_first=self.batch_first, total_length=total)[0]
-        return output, final, [(rewrap(i), rewrap(o)) for i, o in layers], packed
-
-    def _padded(self, seq: Tensor | PackedSequence, total: int) -> Tensor:
-        """Batch-first dense view of a layer's input or output."""
-        if isinstance(seq, PackedSequence):
-            return pad_packed_sequence(seq, batch_first=True, total_length=total)[0]
-        return seq if self.batch_first else seq.transpose(0, 1)
-
-    def _lengths_and_total(self, x, lengths):
-        if isinstance(x, PackedSequence):
-            _, lens = pad_packed_sequence(x, batch_first=True)
-            return lens, int(lens.max())
-        T = x.shape[1 if self.batch_first else 0]
-        B = x.shape[0 if self.batch_first else 1]
-        return (torch.as_tensor(lengths).cpu() if lengths is not None else torch.full((B,), T)), T
-
-
-class GateLSTM(_FusedRecurrent):
-    """Drop-in `nn.LSTM` (unidirectional) whose forward can also return a `GateTrace`.
-
-    forward(x, state=None, lengths=None, return_gates=False)
-      x: (batch, time, input) if batch_first, or a PackedSequence as nn.LSTM takes.
-      lengths: optional true lengths of a padded x; outputs past a sequence's end are zero and
-               (h_n, c_n) are taken at each sequence's own last step, as if run alone.
-      returns (output, (h_n, c_n)) exactly as nn.LSTM, plus a GateTrace when return_gates.
-    """
-
-    gate_count = 4
-
-    def _fused_layer(self, inp, batch_sizes, hx, k):
-        w = self.layer_weights(k)
-        if batch_sizes is None:
-            out, h, c = _VF.lstm(inp, hx, w, True, 1, 0.0, self.training, False, self.batch_first)
-        else:
-            out, h, c = _VF.lstm(inp, batch_sizes, hx, w, True, 1, 0.0, self.training, False)
-        return out, (h, c)
-
-    def forward(self, x, state: tuple[Tensor, Tensor] | None = None, lengths: Tensor | None = None,
-                return_gates: bool = False):
-        output, (h_n, c_n), layers, _ = self._run(x, lengths, state)
+    def _run(self, input, hx, lengths, return_gates):
+        """Checks, then either the plain torch forward or the traced layer-by-layer pass."""
+        x = input if lengths is None else self._pack_lengths(input, lengths)
+        data, batch_sizes, sorted_hx, hx3, is_batched = self._prepare(x, hx)
+        trace = None
         if not return_gates:
-            return output, (h_n, c_n)
-        return output, (h_n, c_n), self.trace(x, lengths, state, layers)
+            output, state = super().forward(x, hx)  # exactly nn.LSTM / nn.RNN, after our checks
+            state = self._state_tuple(state)
+        else:
+            out, state, layers = self._layer_by_layer(data, batch_sizes, sorted_hx)
+            if batch_sizes is not None:
+                output = PackedSequence(out, batch_sizes, x.sorted_indices, x.unsorted_indices)
+                if x.unsorted_indices is not None:
+                    state = tuple(h.index_select(1, x.unsorted_indices) for h in state)
+            elif not is_batched:
+                output = out.squeeze(0 if self.batch_first else 1)
+                state = tuple(h.squeeze(1) for h in state)
+            else:
+                output = out
+        if lengths is not None:
+            T = input.shape[1 if self.batch_first else 0]
+        if return_gates:
+            trace = self._trace(x, layers, hx3, None if lengths is None else T)
+        if lengths is not None:
+            output = pad_packed_sequence(output, batch_first=self.batch_first, total_length=T)[0]
+        return output, state, trace
 
     @torch.no_grad()
-    def trace(self, x, lengths, state, layers) -> GateTrace:
-        """Recover every gate from the fused pass: one matmul per layer, then the cell recurrence."""
-        lens, T = self._lengths_and_total(x, lengths)
-        first = self._padded(layers[0][0], T)
-        B, H, L = first.shape[0], self.hidden_size, self.num_layers
-        mask = (torch.arange(T)[None, :] < lens[:, None]).to(first.device)  # (B, T), True on real steps
-        h0, c0 = state if state is not None else (first.new_zeros(L, B, H),) * 2
-        # time-major buffers, so each step's slice is contiguous for the cell recurrence
-        gates, cells, hiddens, worst = [], [], [], 0.0
-        for k, (inp, out) in enumerate(layers):
-            w_ih, w_hh, b_ih, b_hh = self.layer_weights(k)
-            I = w_ih.shape[1]
-            # rows t of xh hold [x_t, h_{t-1}] (h_{-1} = h0); row T holds h_{T-1}, so that the
-            # hidden trace is a view of this buffer and never copied again
-            xh = first.new_empty(T + 1, B, I + H)
-            xh[:T, :, :I] = self._padded(inp, T).transpose(0, 1)
-            xh[T, :, :I] = 0
-            xh[0, :, I:] = h0[k]
-            xh[1:, :, I:] = self._padded(out, T).transpose(0, 1)
-            hidden = xh[1:, :, I:]
-            # all pre-activations in one product: [x_t, h_{t-1}] @ [W_ih, W_hh]^T + b. The candidate's
-            # rows are doubled so one sigmoid serves all four: tanh(z) = 2 sigmoid(2z) - 1, and a
-            # contiguous sigmoid is several times faster than tanh on CPU
-            scale = torch.ones(4, 1, dtype=w_ih.dtype, device=w_ih.device)
-            scale[2] = 2.0
-            w = (torch.cat([w_ih, w_hh], 1).view(4, H, -1) * scale[:, :, None]).view(4 * H, -1)
-            b = ((b_ih + b_hh).view(4, H) * scale).view(4 * H)
-            g = _linear(xh[:T].view(T * B, -1), w, b).view(T, B, 4, H)
-            g.sigmoid_()  # input, forget, output gates (and 2 sigmoid(2z) for the candidate)
-            g[:, :, 2].mul_(2).sub_(1)  # candidate: tanh
-            i, f, candidate, o = g.unbind(2)
-            cell = torch.mul(i, candidate)  # i_t * g_t for every step, then in place:
-            c_prev = c0[k]
-            for t in range(T):  # c_t = f_t * c_{t-1} + i_t * g_t
-                c_prev = cell[t].addcmul_(f[t], c_prev)
-            # self-check: o_t * tanh(c_t) must give back the fused pass's h_t (in blocks of steps,
-            # so the temporaries stay small and in cache); padded steps do not count
-            for t0 in range(0, T, 64):
-                span = slice(t0, t0 + 64)
-                err = cell[span].mul(2).sigmoid_().mul_(2).sub_(1).mul_(o[span]).sub_(hidden[span]).abs_()
-                err = err[mask[:, span].T]  # (steps, B, H) -> real steps only
-                worst = max(worst, float(err.max()) if err.numel() else 0.0)
-            gates.append(g)
-            cells.append(cell)
-            hiddens.append(hidden)
-        # (T, B, H) per layer -> (L, B, T, H): views when there is one layer, else one stack per name
-        def layered(parts):
-            return parts[0][None] if L == 1 else torch.stack(parts)
+    def _trace(self, x, layers, hx, total: int | None) -> GateTrace:
+        """Recover every layer and direction from the fused pass (caller's batch order, batch-first).
+        total: the padded length when packing came from lengths= (the trace keeps that length)."""
+        packed = x if isinstance(x, PackedSequence) else None
 
-        gates = layered(gates)
-        views = [gates[:, :, :, j] for j in range(4)] + [layered(cells), layered(hiddens)]
-        views = [v.transpose(1, 2) for v in views]
+        def time_major(seq):
+            if packed is not None:
+                return pad_packed_sequence(PackedSequence(seq, packed.batch_sizes, packed.sorted_indices,
+                                                          packed.unsorted_indices), total_length=total)[0]
+            seq = seq if seq.dim() == 3 else seq.unsqueeze(0 if self.batch_first else 1)
+            return seq.transpose(0, 1) if self.batch_first else seq
+
+        first = time_major(layers[0][0])
+        T, B = first.shape[:2]
+        if packed is not None:
+            lens = pad_packed_sequence(packed)[1]
+        else:
+            lens = torch.full((B,), T)
+        mask = torch.arange(T)[None, :] < lens[:, None]  # (B, T), True on real steps
+        real = mask.T.to(first.device)
+        D = 2 if self.bidirectional else 1
+        P = hx[0].shape[-1]
+        rev = _reverse_index(lens, T) if D == 2 else None
+        worst, entries = 0.0, []
+        with torch.autocast(first.device.type, enabled=False):
+            for k, (inp, out) in enumerate(layers):
+                inp, out = time_major(inp), time_major(out)
+                for d in range(D):
+                    w = self._direction_weights(k, d)
+                    h = out[..., d * P : (d + 1) * P]
+                    xs = inp
+                    if d:  # the reverse direction, in its own processing order
+                        xs, h = _gather_time(inp, rev), _gather_time(h, rev)
+                    entry, err = self._recover(xs, h, [s[k * D + d] for s in hx], w, real)
+                    if d:
+                        entry = [_gather_time(v, rev) for v in entry]
+                    worst = _worst(worst, torch.tensor([err]))
+                    entries.append(entry)
+        # (T, B, ...) per entry -> (L * D, B, T, ...): views when there is one entry, else one stack per name
+        stacked = [parts[0][None] if len(entries) == 1 else torch.stack(parts) for parts in zip(*entries)]
+        views = [v.transpose(1, 2) for v in stacked]
+        if self._kind == "LSTM":
+            gates, cell, hidden = views
+            views = [gates[..., j, :] for j in range(4)] + [cell, hidden]
+        else:
+            views = [None] * 5 + views
         if not bool(mask.all()):
-            pad = ~mask[None, :, :, None]
+            pad = ~mask.to(first.device)[None, :, :, None]
             for v in views:
-                v.masked_fill_(pad, float("nan"))
-        return GateTrace(*views, mask=mask, reconstruction_error=worst)
+                if v is not None:
+                    v.masked_fill_(pad, float("nan"))
+        return GateTrace(*views, mask=mask.to(first.device), reconstruction_error=worst, num_directions=D)
+
+    def __prepare_scriptable__(self):
+        """torch.jit.script calls this first: refuse in one clear line (see the module docstring)."""
+        raise RuntimeError(
+            f"{type(self).__name__} cannot be scripted with torch.jit.script: TorchScript cannot express its "
+            "keyword-only lengths=/return_gates= or the GateTrace it returns (and scripting nn.LSTM itself "
+            "yields no forward on recent torch). Use torch.compile, or eager mode.")
 
 
-class VanillaRNN(_FusedRecurrent):
-    """The same interface over a tanh RNN (nn.RNN's layout): h_t = tanh(W_ih x_t + W_hh h_{t-1} + b).
+class GateLSTM(_Traced, nn.LSTM):
+    """`nn.LSTM` whose forward can also return a `GateTrace`: same constructor, defaults, parameter
+    names, checks, outputs and errors (isinstance(GateLSTM(...), nn.LSTM) is True).
 
-    forward returns (output, h_n), plus a GateTrace holding `hidden` only when return_gates.
+    forward(input, hx=None, *, lengths=None, return_gates=False)
+      input, hx: exactly as nn.LSTM: (time, batch, input_size), or (batch, time, input_size) with
+          batch_first=True, or unbatched (time, input_size), or a PackedSequence; hx = (h_0, c_0),
+          each (num_layers * num_directions, batch, proj_size or hidden_size / hidden_size).
+      lengths: optional true lengths (batch,) of a padded input: outputs past a sequence's end are
+          zero and (h_n, c_n) are taken at each sequence's own last step (for the reverse direction:
+          it starts at that step), as if each sequence ran alone.
+      returns (output, (h_n, c_n)) exactly as nn.LSTM, plus a GateTrace when return_gates.
+    Errors: nn.LSTM's ValueError/RuntimeError, with its messages, raised before any kernel call
+    (also for packed input, where nn.LSTM itself does not check); ValueError for bad lengths.
     """
 
-    gate_count = 1
+    _kind, _torch_class = "LSTM", nn.LSTM
 
-    def _fused_layer(self, inp, batch_sizes, hx, k):
-        w = self.layer_weights(k)
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
+                 device=None, dtype=None):
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                         proj_size, device=device, dtype=dtype)
+
+    def _state_tuple(self, hx):
+        return None if hx is None else (hx[0], hx[1])
+
+    def _fused(self, inp, batch_sizes, hx, weights):
         if batch_sizes is None:
-            out, h = _VF.rnn_tanh(inp, hx[0], w, True, 1, 0.0, self.training, False, self.batch_first)
+            out, h, c = _VF.lstm(inp, hx, weights, self.bias, 1, 0.0, self.training, self.bidirectional,
+                                 self.batch_first)
         else:
-            out, h = _VF.rnn_tanh(inp, batch_sizes, hx[0], w, True, 1, 0.0, self.training, False)
+            out, h, c = _VF.lstm(inp, batch_sizes, hx, weights, self.bias, 1, 0.0, self.training,
+                                 self.bidirectional)
+        return out, (h, c)
+
+    def _recover(self, x, h, state, w, real):
+        w_ih, w_hh = w[:2]
+        b = w[2] + w[3] if self.bias else None
+        w_hr = w[-1] if self.proj_size else None
+        gates, cell, hidden, err = _lstm_gates(x, h, state[0], state[1], w_ih, w_hh, b, w_hr, real)
+        return [gates, cell, hidden], err
+
+    def forward(self, input, hx=None, *, lengths=None, return_gates: bool = False):
+        output, state, trace = self._run(input, hx, lengths, return_gates)
+        return (output, state, trace) if return_gates else (output, state)
+
+
+class VanillaRNN(_Traced, nn.RNN):
+    """`nn.RNN` (tanh or relu) with the same extras as GateLSTM: h_t = act(W_ih x_t + W_hh h_{t-1} + b).
+
+    forward(input, hx=None, *, lengths=None, return_gates=False) returns (output, h_n) exactly as
+    nn.RNN, plus a GateTrace holding `hidden` only when return_gates.
+    """
+
+    _kind, _torch_class = "RNN", nn.RNN
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, nonlinearity: str = "tanh",
+                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 device=None, dtype=None, **kwargs):
+        # **kwargs: so that proj_size= meets nn.RNN's own ValueError, as nn.RNN(..., proj_size=k) does
+        super().__init__(input_size, hidden_size, num_layers, nonlinearity, bias, batch_first, dropout,
+                         bidirectional, device=device, dtype=dtype, **kwargs)
+
+    def _state_tuple(self, hx):
+        return None if hx is None else (hx,)
+
+    def _fused(self, inp, batch_sizes, hx, weights):
+        fn = _VF.rnn_relu if self.nonlinearity == "relu" else _VF.rnn_tanh
+        if batch_sizes is None:
+            out, h = fn(inp, hx[0], weights, self.bias, 1, 0.0, self.training, self.bidirectional, self.batch_first)
+        else:
+            out, h = fn(inp, batch_sizes, hx[0], weights, self.bias, 1, 0.0, self.training, self.bidirectional)
         return out, (h,)
 
-    def forward(self, x, state: Tensor | None = None, lengths: Tensor | None = None, return_gates: bool = False):
-        output, (h_n,), layers, _ = self._run(x, lengths, None if state is None else (state,))
-        if not return_gates:
-            return output, h_n
-        lens, T = self._lengths_and_total(x, lengths)
-        mask = torch.arange(T)[None, :] < lens[:, None]
-        hidden = torch.stack([self._padded(out, T).detach() for _, out in layers])
-        if not bool(mask.all()):
-            hidden = hidden.masked_fill(~mask.to(hidden.device)[None, :, :, None], float("nan"))
-        return output, h_n, GateTrace(None, None, None, None, None, hidden, mask=mask)
+    def _recover(self, x, h, state, w, real):
+        b = w[2] + w[3] if self.bias else None
+        hidden, err = _rnn_hidden_check(x, h, state[0], w[0], w[1], b, self.nonlinearity == "relu", real)
+        return [hidden], err
+
+    def forward(self, input, hx=None, *, lengths=None, return_gates: bool = False):
+        output, (h_n,), trace = self._run(input, hx, lengths, return_gates)
+        return (output, h_n, trace) if return_gates else (output, h_n)

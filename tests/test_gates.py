@@ -65,14 +65,14 @@ def test_thresholds_and_errors():
     np.testing.assert_allclose(wide["layers"][0]["forget_gate"]["right"], [1, 1 / 6, 0])
     with pytest.raises(ValueError, match="low < high"):
         saturation(hand_trace(), low=0.9, high=0.1)
-    rnn_trace = VanillaRNN(2, 3)(torch.randn(2, 5, 2), return_gates=True)[2]
+    rnn_trace = VanillaRNN(2, 3, batch_first=True)(torch.randn(2, 5, 2), return_gates=True)[2]
     with pytest.raises(ValueError, match="VanillaRNN"):
         saturation(rnn_trace)
 
 
 def test_saturation_of_a_real_trace_matches_brute_force():
     torch.manual_seed(0)
-    lstm = GateLSTM(4, 6, num_layers=2)
+    lstm = GateLSTM(4, 6, num_layers=2, batch_first=True)
     with torch.no_grad():
         lstm.weight_hh_l0.mul_(8)  # push gates towards saturation so the counts are not all zero
     lengths = torch.tensor([9, 3, 6])
@@ -135,7 +135,8 @@ def test_plot_heatmaps_only_real_steps_with_labels(tmp_path):
 
 
 def test_plot_heatmaps_of_a_vanilla_rnn_trace(tmp_path):
-    _, _, trace = VanillaRNN(2, 5)(torch.randn(2, 7, 2), lengths=torch.tensor([7, 4]), return_gates=True)
+    rnn = VanillaRNN(2, 5, batch_first=True)
+    _, _, trace = rnn(torch.randn(2, 7, 2), lengths=torch.tensor([7, 4]), return_gates=True)
     fig = plot_heatmaps(trace, tmp_path / "rnn.png", batch_index=1)
     assert _is_png(tmp_path / "rnn.png")
     panels = [ax for ax in fig.axes if ax.images]

@@ -24,12 +24,14 @@ def token_embedding(num_tokens: int, cfg: ModelConfig) -> nn.Embedding:
     return nn.Embedding(num_tokens, cfg.embedding_dim, padding_idx=0)  # id 0 is padding everywhere
 
 
-def core(input_size: int, cfg: ModelConfig) -> GateLSTM:
-    return GateLSTM(input_size, cfg.hidden_size, cfg.num_layers, dropout=cfg.dropout if cfg.num_layers > 1 else 0.0)
+def core(input_size: int, cfg: ModelConfig, bidirectional: bool = False) -> GateLSTM:
+    """The recurrent core, batch-first; bidirectional only where the topology reads whole sequences."""
+    return GateLSTM(input_size, cfg.hidden_size, cfg.num_layers, batch_first=True,
+                    dropout=cfg.dropout if cfg.num_layers > 1 else 0.0, bidirectional=bidirectional)
 
 
-def head(cfg: ModelConfig, num_outputs: int) -> nn.Sequential:
-    return nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden_size, num_outputs))
+def head(cfg: ModelConfig, num_outputs: int, in_features: int | None = None) -> nn.Sequential:
+    return nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(in_features or cfg.hidden_size, num_outputs))
 
 
 def masked_cross_entropy(logits: Tensor, target: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -1,4 +1,8 @@
-"""many_to_many: a label at every step (activity: per-step labels over a sensor stream)."""
+"""many_to_many: a label at every step (activity: per-step labels over a sensor stream).
+
+With `bidirectional`, each step's label also sees the steps after it: fine for offline labelling
+of a recorded stream, not for labelling a live stream as it arrives.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +15,9 @@ from pipeline.models.base import RecurrentModule, core, head, masked_cross_entro
 class ManyToMany(RecurrentModule):
     def __init__(self, vocab: dict, dims: dict, model: dict, train: dict):
         super().__init__(vocab, dims, model, train)
-        self.lstm = core(dims["input_shape"][-1], self.model_cfg)
-        self.head = head(self.model_cfg, len(vocab["labels"]))
+        cfg = self.model_cfg
+        self.lstm = core(dims["input_shape"][-1], cfg, bidirectional=cfg.bidirectional)
+        self.head = head(cfg, len(vocab["labels"]), (2 if cfg.bidirectional else 1) * cfg.hidden_size)
 
     def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
         out, _ = self.lstm(x, lengths=lengths)

@@ -1,7 +1,8 @@
 """many_to_one: a sequence -> one label, read at each sequence's own last step.
 
 Token sequences (sentiment) go through an embedding; feature sequences (gesture) go in as they
-are. Padded batches carry `lengths`, so padding never reaches the label.
+are. Padded batches carry `lengths`, so padding never reaches the label. With `bidirectional`, the
+label reads both directions' final states of the last layer.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ class ManyToOne(RecurrentModule):
         super().__init__(vocab, dims, model, train)
         self.embed = token_embedding(len(vocab["tokens"]), self.model_cfg) if "tokens" in vocab else None
         stride = self.model_cfg.frame_stride
-        self.lstm = core(self.model_cfg.embedding_dim if self.embed else dims["input_shape"][-1] * stride,
-                         self.model_cfg)
-        self.head = head(self.model_cfg, len(vocab["labels"]))
+        cfg = self.model_cfg
+        self.lstm = core(cfg.embedding_dim if self.embed else dims["input_shape"][-1] * stride, cfg,
+                         bidirectional=cfg.bidirectional)
+        directions = 2 if cfg.bidirectional else 1
+        self.head = head(cfg, len(vocab["labels"]), directions * cfg.hidden_size)
 
     def _inputs(self, x: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor | None]:
         if self.embed is not None:
@@ -36,6 +39,8 @@ class ManyToOne(RecurrentModule):
     def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
         x, lengths = self._inputs(x, lengths)
         _, (h_n, _) = self.lstm(x, lengths=lengths)
+        if self.lstm.bidirectional:  # forward direction at the true last step, reverse one at step 0
+            return self.head(torch.cat([h_n[-2], h_n[-1]], dim=-1))
         return self.head(h_n[-1])  # the last layer's state at each sequence's true last step
 
     @staticmethod

@@ -3,6 +3,12 @@
 The decoder starts from the encoder's final state and, with `attention` (Luong et al. 2015,
 dot score), looks back at every encoder state at each step. Training uses teacher forcing;
 decoding is greedy or beam search.
+
+With `bidirectional`, the encoder reads the source both ways; the decoder stays unidirectional
+(it writes left to right). A linear bridge maps each layer's two final states to the decoder's
+initial state (h0 = tanh(W_h [h_fwd; h_bwd]), c0 = W_c [c_fwd; c_bwd]; Bahdanau et al. 2015
+initialise from the backward state, OpenNMT's `bridge` learns such a layer), and a linear map
+brings the 2 x hidden encoder states to the decoder's width for attention.
 """
 
 from __future__ import annotations
@@ -22,8 +28,12 @@ class Seq2Seq(RecurrentModule):
         cfg = self.model_cfg
         self.src_embed = token_embedding(len(vocab["src_tokens"]), cfg)
         self.tgt_embed = token_embedding(len(vocab["tgt_tokens"]), cfg)
-        self.encoder = core(cfg.embedding_dim, cfg)
+        self.encoder = core(cfg.embedding_dim, cfg, bidirectional=cfg.bidirectional)
         self.decoder = core(cfg.embedding_dim, cfg)
+        H = cfg.hidden_size
+        if cfg.bidirectional:  # both directions' final states -> the decoder's initial state; memory -> H wide
+            self.bridge_h, self.bridge_c = nn.Linear(2 * H, H), nn.Linear(2 * H, H)
+            self.bridge_memory = nn.Linear(2 * H, H, bias=False) if cfg.attention else None
         # attention: combine the decoder state with its context vector (Luong's "attentional hidden state")
         self.combine = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size) if cfg.attention else None
         self.dropout = nn.Dropout(cfg.dropout)
@@ -35,8 +45,18 @@ class Seq2Seq(RecurrentModule):
 
     def encode(self, src: Tensor, src_lengths: Tensor):
         memory, state = self.encoder(self.src_embed(src), lengths=src_lengths)
+        if self.encoder.bidirectional:
+            state = self.bridge(state)
+            if self.bridge_memory is not None:
+                memory = self.bridge_memory(memory)
         src_mask = torch.arange(src.shape[1], device=src.device)[None, :] < src_lengths[:, None]
         return memory, state, src_mask
+
+    def bridge(self, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """(2 L, B, H) encoder states, entry 2k + d for layer k and direction d -> (L, B, H) decoder states."""
+        h, c = (s.view(-1, 2, *s.shape[1:]) for s in state)  # (L, 2, B, H)
+        both = lambda s: torch.cat([s[:, 0], s[:, 1]], dim=-1)  # noqa: E731  (L, B, 2H)
+        return torch.tanh(self.bridge_h(both(h))), self.bridge_c(both(c))
 
     def decode_steps(self, tgt_in: Tensor, state, memory: Tensor, src_mask: Tensor, lengths=None):
         """Logits (B, T, V) for decoder inputs tgt_in, and the decoder state."""
