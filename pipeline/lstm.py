@@ -255,11 +255,6 @@ def _gather_time(v: Tensor, idx: Tensor) -> Tensor:
     return v.gather(0, idx)
 
 
-def _autocast_on() -> bool:
-    is_on = getattr(torch._C, "_is_any_autocast_enabled", None)  # what nn.LSTM's check_input asks
-    return bool(is_on()) if is_on is not None else torch.is_autocast_enabled()
-
-
 # --- the modules ---------------------------------------------------------------------------------
 
 
@@ -340,14 +335,9 @@ class _Traced:
         return data, batch_sizes, sorted_hx, hx, is_batched
 
     def _check_forward(self, data, hx, batch_sizes):
+        # nn.LSTM's own checks (shapes, input dtype). A state's dtype or device is left to the kernel, which
+        # refuses those with its own RuntimeError, as under nn.LSTM
         self.check_forward_args(data, hx if self._kind == "LSTM" else hx[0], batch_sizes)
-        for h in hx:  # beyond nn.LSTM's checks: the kernel must never see these
-            if h.device != data.device:
-                raise RuntimeError(f"Input and hidden tensors are not at the same device, found input tensor at "
-                                   f"{data.device} and hidden tensor at {h.device}")
-            if h.dtype != data.dtype and not _autocast_on():
-                raise RuntimeError(f"Input and hidden tensors must have the same dtype, got {data.dtype} and "
-                                   f"{h.dtype}")
 
     def _fused(self, inp, batch_sizes, hx, weights):
         raise NotImplementedError
