@@ -323,3 +323,34 @@ def test_lengths_errors():
         lstm(x[0], lengths=torch.tensor([5]))
     with pytest.raises(ValueError, match="PackedSequence"):
         lstm(pack_padded_sequence(x, torch.tensor([5, 2]), batch_first=True), lengths=torch.tensor([5, 2]))
+
+
+@pytest.mark.slow  # compiling takes 15-90 s on a 2-core CPU (cold cache)
+def test_torch_compile_trains_and_traces():
+    """Dynamo graph-breaks on nn.LSTM and its subclasses, so the fused call runs eagerly between compiled
+    graphs: compiled gradients equal eager ones, and return_gates works inside a compiled model."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.lstm, self.head = nn.Linear(3, 4), GateLSTM(4, 6, 2, batch_first=True), nn.Linear(6, 2)
+
+        def forward(self, x, gates: bool = False):
+            result = self.lstm(torch.tanh(self.inp(x)), return_gates=gates)
+            logits = self.head(result[0][:, -1])
+            return (logits, result[2]) if gates else logits
+
+    torch.manual_seed(0)
+    net, x = Net(), torch.randn(2, 5, 3)
+    compiled = torch.compile(net)
+    compiled(x).pow(2).sum().backward()
+    grads = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    net(x).pow(2).sum().backward()
+    for g, p in zip(grads, net.parameters()):
+        torch.testing.assert_close(g, p.grad, atol=1e-6, rtol=1e-5)
+    logits, trace = compiled(x, True)
+    _, eager_trace = net(x, True)
+    torch.testing.assert_close(logits, net(x), atol=1e-6, rtol=0)
+    torch.testing.assert_close(trace.forget_gate, eager_trace.forget_gate, atol=1e-6, rtol=0)
+    assert trace.reconstruction_error < 1e-5

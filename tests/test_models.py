@@ -67,6 +67,13 @@ def many_to_one_tokens():
     return model, {"tokens": tokens, "lengths": lengths, "y": y}
 
 
+def many_to_one_bidirectional():
+    model, batch = many_to_one_tokens()
+    torch.manual_seed(0)
+    return type(model)(model.vocab, model.dims, {**model.model_cfg.model_dump(), "bidirectional": True},
+                       model.train_cfg.model_dump()), batch
+
+
 def many_to_one_features():
     gen = torch.Generator().manual_seed(3)
     lengths = lengths_in(gen, 16, 3, 9)
@@ -86,6 +93,13 @@ def many_to_many():
     return model, {"x": x, "y": y, "lengths": lengths}
 
 
+def many_to_many_bidirectional():
+    model, batch = many_to_many()
+    torch.manual_seed(0)
+    return type(model)(model.vocab, model.dims, {**model.model_cfg.model_dump(), "bidirectional": True},
+                       model.train_cfg.model_dump()), batch
+
+
 def one_to_many():
     """Melodies that climb a - b - c - d - e - f cyclically from a seed, of varied length, then <eos>."""
     gen = torch.Generator().manual_seed(5)
@@ -98,7 +112,7 @@ def one_to_many():
     return build(OneToMany, {"tokens": TOKENS}), {"tokens": tokens, "lengths": lengths}
 
 
-def seq2seq(attention: bool = True):
+def seq2seq(attention: bool = True, bidirectional: bool = False):
     """Reverse the source words: <bos> reversed <eos>."""
     gen = torch.Generator().manual_seed(6)
     src_lengths = lengths_in(gen, 16, 2, 5)
@@ -107,12 +121,21 @@ def seq2seq(attention: bool = True):
     tgt = torch.zeros(16, 7, dtype=torch.long)
     for i, n in enumerate(src_lengths.tolist()):
         tgt[i, : n + 2] = torch.tensor([BOS, *src[i, :n].flip(0).tolist(), EOS])
-    model = build(Seq2Seq, {"src_tokens": WORDS, "tgt_tokens": WORDS}, attention=attention, lr=0.03)
+    model = build(Seq2Seq, {"src_tokens": WORDS, "tgt_tokens": WORDS}, attention=attention, lr=0.03,
+                  bidirectional=bidirectional)
     return model, {"src": src, "src_lengths": src_lengths, "tgt": tgt, "tgt_lengths": tgt_lengths}
 
 
 def seq2seq_plain():
     return seq2seq(attention=False)
+
+
+def seq2seq_bidirectional():
+    return seq2seq(bidirectional=True)
+
+
+def seq2seq_bidirectional_plain():
+    return seq2seq(attention=False, bidirectional=True)
 
 
 def char_lm():
@@ -126,7 +149,8 @@ def char_lm():
 
 
 CASES = {f.__name__: f for f in (one_to_one, many_to_one_tokens, many_to_one_features, many_to_many, one_to_many,
-                                 seq2seq, seq2seq_plain, char_lm)}
+                                 seq2seq, seq2seq_plain, char_lm, many_to_one_bidirectional,
+                                 many_to_many_bidirectional, seq2seq_bidirectional, seq2seq_bidirectional_plain)}
 # length array -> the padded arrays it describes, per case
 PADDING = {
     "many_to_one_tokens": {"lengths": ("tokens",)},
@@ -135,6 +159,10 @@ PADDING = {
     "one_to_many": {"lengths": ("tokens",)},
     "seq2seq": {"src_lengths": ("src",), "tgt_lengths": ("tgt",)},
     "seq2seq_plain": {"src_lengths": ("src",), "tgt_lengths": ("tgt",)},
+    "many_to_one_bidirectional": {"lengths": ("tokens",)},
+    "many_to_many_bidirectional": {"lengths": ("x", "y")},
+    "seq2seq_bidirectional": {"src_lengths": ("src",), "tgt_lengths": ("tgt",)},
+    "seq2seq_bidirectional_plain": {"src_lengths": ("src",), "tgt_lengths": ("tgt",)},
 }
 
 
@@ -200,7 +228,7 @@ def test_output_shapes():
 # --- variable lengths ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["many_to_one_tokens", "many_to_one_features"])
+@pytest.mark.parametrize("name", ["many_to_one_tokens", "many_to_one_features", "many_to_one_bidirectional"])
 def test_many_to_one_reads_each_sequence_at_its_own_end(name):
     model, batch = CASES[name]()
     model.eval()
@@ -361,7 +389,7 @@ def sequence_logprob(model: Seq2Seq, src, n: int, tokens: list[int], max_len: in
     return float(F.log_softmax(logits[0], -1).gather(1, torch.tensor(targets)[:, None]).sum())
 
 
-@pytest.mark.parametrize("name", ["seq2seq", "seq2seq_plain"])
+@pytest.mark.parametrize("name", ["seq2seq", "seq2seq_plain", "seq2seq_bidirectional", "seq2seq_bidirectional_plain"])
 @pytest.mark.parametrize("fit", [True, False])
 def test_beam_search_against_greedy(name, fit):
     model = trained(name)[0] if fit else CASES[name]()[0].eval()
@@ -404,7 +432,7 @@ def test_trace_matches_the_batch(name):
     assert isinstance(trace, GateTrace)
     steps = traced_steps(name, batch)
     B, T = len(steps), int(steps.max())
-    L = model.model_cfg.num_layers
+    L = model.model_cfg.num_layers * (2 if model.lstm.bidirectional else 1)  # h_n's layout
     assert trace.mask.shape == (B, T)
     assert trace.mask.sum(1).tolist() == steps.tolist()
     names = [n for n, _ in trace.items()]

@@ -124,7 +124,8 @@ class Seq2Seq(RecurrentModule):
                     else:
                         new_hyps.append((hyps[parent][0] + [token], score))
                         keep.append(parent)
-                if len(finished) >= beam or not new_hyps:
+                # scores only fall as hypotheses grow: stop once the best finished one beats every live one
+                if not new_hyps or (len(finished) >= beam and max(sc for _, sc in finished) >= new_hyps[0][1]):
                     break
                 hyps = new_hyps
                 idx = torch.tensor(keep, device=src.device)
