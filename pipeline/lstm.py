@@ -295,9 +295,10 @@ class _Traced:
                              f"and max {int(lengths.max())}")
         return pack_padded_sequence(input, lengths, batch_first=self.batch_first, enforce_sorted=False)
 
-    def _prepare(self, input, hx):
+    def _prepare(self, input, hx, need_state: bool = True):
         """nn.LSTM/nn.RNN forward's preamble with its checks, for every input kind (nn.LSTM skips them for
-        packed input). Returns (data, batch_sizes, sorted state, caller-order 3-D state, is_batched)."""
+        packed input). Returns (data, batch_sizes, sorted state, caller-order 3-D state, is_batched); the
+        states are None when none was given and need_state is False (then only the input is checked)."""
         D = 2 if self.bidirectional else 1
         P = getattr(self, "proj_size", 0) or self.hidden_size
         hx = self._state_tuple(hx)
@@ -327,6 +328,9 @@ class _Traced:
                     raise RuntimeError(f"For {kind} input, hx should also be {want}-D but got {dims} tensor")
                 if not is_batched:
                     hx = tuple(h.unsqueeze(1) for h in hx)
+        if hx is None and not need_state:
+            self.check_input(data, batch_sizes)  # zero states always fit: the untraced path lets torch make them
+            return data, batch_sizes, None, None, is_batched
         if hx is None:
             sizes = [P, self.hidden_size] if self._kind == "LSTM" else [self.hidden_size]
             hx = tuple(torch.zeros(self.num_layers * D, B, s, dtype=data.dtype, device=data.device) for s in sizes)
@@ -357,7 +361,7 @@ class _Traced:
     def _run(self, input, hx, lengths, return_gates):
         """Checks, then either the plain torch forward or the traced layer-by-layer pass."""
         x = input if lengths is None else self._pack_lengths(input, lengths)
-        data, batch_sizes, sorted_hx, hx3, is_batched = self._prepare(x, hx)
+        data, batch_sizes, sorted_hx, hx3, is_batched = self._prepare(x, hx, need_state=return_gates)
         trace = None
         if not return_gates:
             output, state = super().forward(x, hx)  # exactly nn.LSTM / nn.RNN, after our checks
