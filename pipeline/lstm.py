@@ -197,12 +197,15 @@ def _preactivations(x: Tensor, h: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor
     return pre, xh[1:, :, I:]
 
 
-def _worst(worst: float, err: Tensor) -> float:
+def _worst(worst: float, err: Tensor | float) -> float:
     """Running max of |error| that keeps NaN (Python's max(0.0, nan) is 0.0: the old self-check's lie)."""
-    if not err.numel():
+    if isinstance(err, Tensor):
+        if not err.numel():
+            return worst
+        err = float(err.max())  # torch's max propagates NaN
+    if math.isnan(worst):
         return worst
-    e = float(err.max())  # torch's max propagates NaN
-    return e if math.isnan(e) or e > worst else worst
+    return err if math.isnan(err) or err > worst else worst
 
 
 def _lstm_gates(x, h, h0, c0, w_ih, w_hh, b, w_hr, real):
@@ -377,12 +380,11 @@ class _Traced:
                 state = tuple(h.squeeze(1) for h in state)
             else:
                 output = out
-        if lengths is not None:
-            T = input.shape[1 if self.batch_first else 0]
+        padded_length = None if lengths is None else input.shape[1 if self.batch_first else 0]
         if return_gates:
-            trace = self._trace(x, layers, hx3, None if lengths is None else T)
+            trace = self._trace(x, layers, hx3, padded_length)
         if lengths is not None:
-            output = pad_packed_sequence(output, batch_first=self.batch_first, total_length=T)[0]
+            output = pad_packed_sequence(output, batch_first=self.batch_first, total_length=padded_length)[0]
         return output, state, trace
 
     @torch.no_grad()
@@ -422,7 +424,7 @@ class _Traced:
                     entry, err = self._recover(xs, h, [s[k * D + d] for s in hx], w, real)
                     if d:
                         entry = [_gather_time(v, rev) for v in entry]
-                    worst = _worst(worst, torch.tensor([err]))
+                    worst = _worst(worst, err)
                     entries.append(entry)
         # (T, B, ...) per entry -> (L * D, B, T, ...): views when there is one entry, else one stack per name
         stacked = [parts[0][None] if len(entries) == 1 else torch.stack(parts) for parts in zip(*entries)]
