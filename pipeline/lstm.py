@@ -175,19 +175,24 @@ def _linear(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
 
 
 def _preactivations(x: Tensor, h: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b: Tensor | None,
-                    row_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                    row_scale: Tensor | None = None, order: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Every step's W_ih x_t + W_hh h_{t-1} + b as one product. x (T, B, I), h (T, B, P) time-major,
-    h0 (B, P). Returns (pre-activations (T, B, G), h as a (T, B, P) view of the buffer used).
+    h0 (B, P). Returns (pre-activations (T, B, G), h as a (T, B, P) view of the buffer used), in
+    processing order: step t reads x[order[t, b], b] when order (T, B) is given (a reverse direction).
 
     Rows t of one buffer hold [x_t, h_{t-1}]; row T holds h_{T-1}, so the returned hidden is a view
     and never copied again. row_scale (G,) scales weight rows and bias (the candidate trick)."""
     T, B, I = x.shape
     P = h.shape[-1]
     xh = torch.empty(T + 1, B, I + P, dtype=w_ih.dtype, device=w_ih.device)
-    xh[:T, :, :I] = x
+    if order is None:
+        xh[:T, :, :I] = x
+        xh[1:, :, I:] = h
+    else:  # reorder straight into the buffer: no reversed copies of x and h
+        torch.gather(x.to(xh.dtype), 0, _time_index(order, x), out=xh[:T, :, :I])
+        torch.gather(h.to(xh.dtype), 0, _time_index(order, h), out=xh[1:, :, I:])
     xh[T, :, :I] = 0
     xh[0, :, I:] = h0
-    xh[1:, :, I:] = h
     w = torch.cat([w_ih, w_hh], 1)
     if b is None:
         b = w.new_zeros(w.shape[0])
@@ -208,17 +213,18 @@ def _worst(worst: float, err: Tensor | float) -> float:
     return err if math.isnan(err) or err > worst else worst
 
 
-def _lstm_gates(x, h, h0, c0, w_ih, w_hh, b, w_hr, real):
+def _lstm_gates(x, h, h0, c0, w_ih, w_hh, b, w_hr, real, order=None):
     """Recover one direction of one layer: gates (T, B, 4, H), cell (T, B, H), hidden view, error.
 
-    real (T, B) marks real steps; all tensors time-major, steps in processing order."""
+    real (T, B) marks real steps; all tensors time-major; results in processing order (see
+    _preactivations for `order`)."""
     T, B, _ = x.shape
     H = w_hh.shape[1] if w_hr is None else w_hr.shape[1]
     # the candidate's rows are doubled so one sigmoid serves all four: tanh(z) = 2 sigmoid(2z) - 1, and a
     # contiguous sigmoid is several times faster than tanh on CPU
     scale = torch.ones(4, H, dtype=w_ih.dtype, device=w_ih.device)
     scale[2] = 2.0
-    g, hidden = _preactivations(x, h, h0, w_ih, w_hh, b, scale.view(-1))
+    g, hidden = _preactivations(x, h, h0, w_ih, w_hh, b, scale.view(-1), order)
     g = g.view(T, B, 4, H).sigmoid_()  # input, forget, output gates (and 2 sigmoid(2z) for the candidate)
     g[:, :, 2].mul_(2).sub_(1)  # candidate: tanh
     i, f, candidate, o = g.unbind(2)
@@ -238,9 +244,9 @@ def _lstm_gates(x, h, h0, c0, w_ih, w_hh, b, w_hr, real):
     return g, cell, hidden, worst
 
 
-def _rnn_hidden_check(x, h, h0, w_ih, w_hh, b, relu: bool, real) -> tuple[Tensor, float]:
+def _rnn_hidden_check(x, h, h0, w_ih, w_hh, b, relu: bool, real, order=None) -> tuple[Tensor, float]:
     """A vanilla RNN layer direction: (hidden view, max |act(W_ih x_t + W_hh h_{t-1} + b) - h_t|)."""
-    pre, hidden = _preactivations(x, h, h0, w_ih, w_hh, b)
+    pre, hidden = _preactivations(x, h, h0, w_ih, w_hh, b, order=order)
     act = pre.relu_() if relu else pre.tanh_()
     return hidden, _worst(0.0, act.sub_(hidden).abs_()[real])
 
@@ -252,10 +258,10 @@ def _reverse_index(lens: Tensor, T: int) -> Tensor:
     return torch.where(t < lens, lens - 1 - t, t)
 
 
-def _gather_time(v: Tensor, idx: Tensor) -> Tensor:
-    """v (T, B, ...) reordered in time per sequence: out[t, b] = v[idx[t, b], b]."""
-    idx = idx.to(v.device).view(*idx.shape, *([1] * (v.dim() - 2))).expand_as(v)
-    return v.gather(0, idx)
+def _time_index(idx: Tensor, v: Tensor) -> Tensor:
+    """(T, B) time indices expanded to gather along time from v (T, B, ...)."""
+    return idx.to(v.device).view(*idx.shape, *([1] * (v.dim() - 2))).expand_as(v)
+
 
 
 # --- the modules ---------------------------------------------------------------------------------
@@ -418,16 +424,24 @@ class _Traced:
                 for d in range(D):
                     w = self._direction_weights(k, d)
                     h = out[..., d * P : (d + 1) * P]
-                    xs = inp
-                    if d:  # the reverse direction, in its own processing order
-                        xs, h = _gather_time(inp, rev), _gather_time(h, rev)
-                    entry, err = self._recover(xs, h, [s[k * D + d] for s in hx], w, real)
-                    if d:
-                        entry = [_gather_time(v, rev) for v in entry]
+                    # the reverse direction runs in its own processing order (each sequence reversed)
+                    entry, err = self._recover(inp, h, [s[k * D + d] for s in hx], w, real, rev if d else None)
                     worst = _worst(worst, err)
                     entries.append(entry)
-        # (T, B, ...) per entry -> (L * D, B, T, ...): views when there is one entry, else one stack per name
-        stacked = [parts[0][None] if len(entries) == 1 else torch.stack(parts) for parts in zip(*entries)]
+        # (T, B, ...) per entry -> (L * D, B, T, ...): views when there is one entry, else one copy per name,
+        # which also puts the reverse direction's entries back in input order
+        if len(entries) == 1:
+            stacked = [v[None] for v in entries[0]]
+        else:
+            stacked = []
+            for parts in zip(*entries):
+                buf = parts[0].new_empty(len(parts), *parts[0].shape)
+                for e, v in enumerate(parts):
+                    if e % D:
+                        torch.gather(v, 0, _time_index(rev, v), out=buf[e])
+                    else:
+                        buf[e].copy_(v)
+                stacked.append(buf)
         views = [v.transpose(1, 2) for v in stacked]
         if self._kind == "LSTM":
             gates, cell, hidden = views
@@ -485,11 +499,11 @@ class GateLSTM(_Traced, nn.LSTM):
                                  self.bidirectional)
         return out, (h, c)
 
-    def _recover(self, x, h, state, w, real):
+    def _recover(self, x, h, state, w, real, order):
         w_ih, w_hh = w[:2]
         b = w[2] + w[3] if self.bias else None
         w_hr = w[-1] if self.proj_size else None
-        gates, cell, hidden, err = _lstm_gates(x, h, state[0], state[1], w_ih, w_hh, b, w_hr, real)
+        gates, cell, hidden, err = _lstm_gates(x, h, state[0], state[1], w_ih, w_hh, b, w_hr, real, order)
         return [gates, cell, hidden], err
 
     def forward(self, input, hx=None, *, lengths=None, return_gates: bool = False):
@@ -524,9 +538,9 @@ class VanillaRNN(_Traced, nn.RNN):
             out, h = fn(inp, batch_sizes, hx[0], weights, self.bias, 1, 0.0, self.training, self.bidirectional)
         return out, (h,)
 
-    def _recover(self, x, h, state, w, real):
+    def _recover(self, x, h, state, w, real, order):
         b = w[2] + w[3] if self.bias else None
-        hidden, err = _rnn_hidden_check(x, h, state[0], w[0], w[1], b, self.nonlinearity == "relu", real)
+        hidden, err = _rnn_hidden_check(x, h, state[0], w[0], w[1], b, self.nonlinearity == "relu", real, order)
         return [hidden], err
 
     def forward(self, input, hx=None, *, lengths=None, return_gates: bool = False):
