@@ -157,6 +157,11 @@ class _FusedRecurrent(nn.Module):
         return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
                 f"dropout={self.dropout}, batch_first={self.batch_first}")
 
+    def inter_layer_dropout(self, out: Tensor, batch_sizes: Tensor | None, sorted_indices: Tensor | None) -> Tensor:
+        """nn.LSTM's dropout between layers, on a layer's output: dense in x's layout, or a PackedSequence's
+        data (time-major rows, batch in `sorted_indices` order). A hook: subclasses may draw other masks."""
+        return F.dropout(out, self.dropout, training=True)
+
     # --- the fused pass -------------------------------------------------------------------
 
     def _fused_layer(self, inp: Tensor, batch_sizes: Tensor | None, hx, k: int):
@@ -185,7 +190,7 @@ class _FusedRecurrent(nn.Module):
             finals.append(state)
             layers.append((inp, out))
             if k < L - 1 and self.dropout > 0 and self.training:
-                out = F.dropout(out, self.dropout, training=True)  # nn.LSTM's inter-layer dropout
+                out = self.inter_layer_dropout(out, batch_sizes, packed.sorted_indices if packed is not None else None)
             inp = out
         final = tuple(torch.cat(parts) for parts in zip(*finals))
 
