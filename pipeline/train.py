@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import signal
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -92,9 +93,17 @@ def check_launch(params: Params) -> None:
         problem = (f"trainer.devices={per_node}, but the launcher started {local} processes on this node "
                    f"(LOCAL_WORLD_SIZE={local}): make them agree")
     if problem is not None:
-        if int(os.environ.get("RANK", "0") or 0) != 0:
-            raise SystemExit(2)  # rank 0 says it, once
-        raise PipelineError(problem)
+        refuse(problem)
+
+
+def refuse(problem: str) -> None:
+    """A launch problem every rank finds: global rank 0 raises it (one `error:` line); the others exit with
+    code 2 silently, a few seconds later, so that the launcher (torchrun stops every rank at the first
+    failure) lets rank 0 say it first."""
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        time.sleep(3)
+        raise SystemExit(2)
+    raise PipelineError(problem)
 
 
 def check_split(dm, task: str, batch_size: int, world: int) -> None:
@@ -104,8 +113,8 @@ def check_split(dm, task: str, batch_size: int, world: int) -> None:
         empty = [r for r in range(world)
                  if len(dm.loader(split, rank=r, world_size=world, **kwargs).batch_sampler) == 0]
         if empty:
-            raise PipelineError(f"{task}: the {split} split ({n} samples) gives {len(empty)} of {world} process(es) "
-                                f"no batch (train.batch_size {batch_size}): use fewer devices or more data")
+            refuse(f"{task}: the {split} split ({n} samples) gives {len(empty)} of {world} process(es) "
+                   f"no batch (train.batch_size {batch_size}): use fewer devices or more data")
 
 
 def build_trainer(params: Params, task: str, ckpt_dir: Path, logger, extra_callbacks=()):
