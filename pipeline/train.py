@@ -67,10 +67,16 @@ def _devices_count(devices) -> int | None:
 
 def launcher_world() -> tuple[int | None, int | None]:
     """(world size, processes per node) the launcher made: torchrun, Lightning's own launcher and most
-    others set WORLD_SIZE (and LOCAL_WORLD_SIZE); SLURM's srun sets SLURM_NTASKS. (None, None) without one."""
+    others set WORLD_SIZE (and LOCAL_WORLD_SIZE); SLURM's srun sets SLURM_NTASKS (an interactive
+    allocation without srun does not count, as Lightning decides). (None, None) without a launcher."""
     env = os.environ
-    world = env.get("WORLD_SIZE") or (env.get("SLURM_NTASKS") if "SLURM_JOB_ID" in env else None)
-    local = env.get("LOCAL_WORLD_SIZE") or (env.get("SLURM_NTASKS_PER_NODE") if "SLURM_JOB_ID" in env else None)
+    slurm = False
+    if "SLURM_NTASKS" in env and "WORLD_SIZE" not in env:  # Lightning only then: this check runs before torch loads
+        from lightning.fabric.plugins.environments import SLURMEnvironment
+
+        slurm = SLURMEnvironment.detect()
+    world = env.get("SLURM_NTASKS") if slurm else env.get("WORLD_SIZE")
+    local = env.get("SLURM_NTASKS_PER_NODE") if slurm else env.get("LOCAL_WORLD_SIZE")
     as_int = lambda v: int(v) if v and v.isdigit() else None  # noqa: E731
     return as_int(world), as_int(local)
 
@@ -214,16 +220,17 @@ def skip_logged_steps(logger) -> None:
 
 def train(task_name: str, params: Params, *, data_root: Path = DATA_ROOT, models_root: Path = MODELS_ROOT,
           ckpt_root: Path = CKPT_ROOT, track: bool = True, root: Path = Path("."), callbacks=()) -> str:
+    task, cfg = get_task(task_name), params.task(task_name)
+    data_dir, out_dir, ckpt_dir = data_root / task_name, models_root / task_name, ckpt_root / task_name
+    if task_name not in params.tasks:
+        raise PipelineError(f"task {task_name!r} is not in params.yaml's task list")
+    check_launch(params)  # before anything waits on a rendezvous or touches a file, before torch loads (seconds)
+
     import lightning as L
 
     from pipeline import tracking
     from pipeline.datasets.datamodule import PreparedDataModule
 
-    task, cfg = get_task(task_name), params.task(task_name)
-    data_dir, out_dir, ckpt_dir = data_root / task_name, models_root / task_name, ckpt_root / task_name
-    if task_name not in params.tasks:
-        raise PipelineError(f"task {task_name!r} is not in params.yaml's task list")
-    check_launch(params)  # before anything waits on a rendezvous or touches a file
     stamp = fingerprint(task_name, params, data_dir)
     # Lightning's checks and the batch split first: a bad trainer section touches no checkpoint and no MLflow run
     trainer, checkpoint = build_trainer(params, task_name, ckpt_dir, None, callbacks)

@@ -1,5 +1,6 @@
 """Real launchers, as a user drives them: `torchrun` with 2 processes, two simulated nodes (two
-`torchrun --nnodes 2` side by side on 127.0.0.1), and plain `python -m pipeline train` killed by SIGTERM.
+`torchrun --nnodes 2` side by side on 127.0.0.1), Lightning's own launcher (`python -m pipeline train`
+with trainer.devices=2, strategy=ddp), and plain `python -m pipeline train` killed by SIGTERM.
 
 Default tasks with their randomness on (sentiment: dropout, here between two layers too; digits: dropout
 and shift augmentation), at a size that trains in seconds. One process, 2 processes and 2 nodes must log
@@ -27,7 +28,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-TRAIN_TIMEOUT = 300
+TRAIN_TIMEOUT = 420
 
 pytestmark = pytest.mark.slow
 
@@ -127,6 +128,7 @@ def test_one_process_two_processes_and_two_nodes_agree(data, tmp_path, task):
     one = folder(tmp_path, "one", data)
     two = folder(tmp_path, "two", data, devices=2, strategy="ddp")
     nodes = folder(tmp_path, "nodes", data, devices=1, num_nodes=2, strategy="ddp")
+    own = folder(tmp_path, "lightning", data, devices=2, strategy="ddp")  # Lightning's own launcher
     port = free_port()
     node = [*TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--master-addr", "127.0.0.1",
             "--master-port", str(port)]
@@ -134,15 +136,16 @@ def test_one_process_two_processes_and_two_nodes_agree(data, tmp_path, task):
     runs["two"] = [start([*TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "pipeline", "train", task], two)]
     runs["nodes"] = [start([*node, "--node-rank", str(rank), "-m", "pipeline", "train", task], nodes)
                      for rank in (0, 1)]
-    for name, procs in runs.items():  # all five processes started side by side: one gloo group per launch
+    runs["lightning"] = [start([*PY, "train", task], own)]
+    for name, procs in runs.items():  # all seven processes started side by side: one gloo group per launch
         for code, _out, err in finish(procs, TRAIN_TIMEOUT):
             assert code == 0, f"{name}: {err[-4000:]}"
-    configs = {name: json.loads((w / "models" / task / "config.json").read_text())
-               for name, w in (("one", one), ("two", two), ("nodes", nodes))}
-    losses = {name: train_losses(w) for name, w in (("one", one), ("two", two), ("nodes", nodes))}
+    folders = {"one": one, "two": two, "nodes": nodes, "lightning": own}
+    configs = {name: json.loads((w / "models" / task / "config.json").read_text()) for name, w in folders.items()}
+    losses = {name: train_losses(w) for name, w in folders.items()}
     reference = losses["one"]
     assert len(reference) == configs["one"]["global_step"] >= 10
-    for name in ("two", "nodes"):
+    for name in ("two", "nodes", "lightning"):
         assert configs[name]["world_size"] == 2
         assert (configs[name]["epochs"], configs[name]["global_step"]) == (configs["one"]["epochs"], len(reference))
         worst = float(np.max(np.abs(losses[name] - reference) / np.abs(reference)))
