@@ -54,6 +54,13 @@ def _resume_state(ckpt_dir: Path, stamp: str, zero: bool) -> tuple[Path | None, 
     return None, {}
 
 
+def _write_resume(ckpt_dir: Path, state: dict) -> None:
+    """resume.json in one rename: other ranks read it while rank 0 writes it."""
+    tmp = ckpt_dir / "resume.json.tmp"
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, ckpt_dir / "resume.json")
+
+
 def _devices_count(devices) -> int | None:
     """How many devices trainer.devices asks for per node, when it says (None for "auto" or -1)."""
     if isinstance(devices, list):
@@ -263,7 +270,7 @@ def train(task_name: str, params: Params, *, data_root: Path = DATA_ROOT, models
         logger.experiment.set_tag(logger.run_id, "world_size", str(trainer.world_size))
     run_id = logger.run_id if logger is not None else None
     if zero:
-        (ckpt_dir / "resume.json").write_text(json.dumps({"fingerprint": stamp, "run_id": run_id}))
+        _write_resume(ckpt_dir, {"fingerprint": stamp, "run_id": run_id})
 
     try:
         with _sigterm_unwinds():
@@ -277,8 +284,8 @@ def train(task_name: str, params: Params, *, data_root: Path = DATA_ROOT, models
         tracking.flush()
     if not trainer.is_global_zero:
         return ""
-    (ckpt_dir / "resume.json").write_text(json.dumps({"fingerprint": stamp, "run_id": run_id, "finished": True,
-                                                      "world_size": trainer.world_size}))
+    _write_resume(ckpt_dir, {"fingerprint": stamp, "run_id": run_id, "finished": True,
+                             "world_size": trainer.world_size})
     return publish(task_name, params, model, dm, ckpt_dir, out_dir, checkpoint.state_key, stamp, run_id,
                    trainer.world_size, root)
 
