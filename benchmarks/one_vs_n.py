@@ -94,8 +94,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--params", type=Path, default=REPO / "params.yaml")
     ap.add_argument("--nproc", type=int, default=2)
-    ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--limit-train-batches", type=int, default=30)
+    ap.add_argument("--epochs", type=int, default=1, help="max_epochs of every task; 0: the params file's")
+    ap.add_argument("--limit-train-batches", type=int, default=30, help="per epoch; 0: the params file's")
     ap.add_argument("--tasks", nargs="*")
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--accelerator", default="cpu", help="trainer.accelerator of both runs (cpu, gpu)")
@@ -110,7 +110,8 @@ def main() -> None:
     (prep / "params.yaml").write_text(yaml.safe_dump(base))
     rows = []
     for task in tasks:
-        base[task].setdefault("train", {}).update(max_epochs=args.epochs, limit_train_batches=args.limit_train_batches)
+        cut = {"max_epochs": args.epochs, "limit_train_batches": args.limit_train_batches}
+        base[task].setdefault("train", {}).update({k: v for k, v in cut.items() if v})  # 0: the params file's
         if not args.no_run and not (prep / "data" / "prepared" / task / "manifest.json").exists():
             sh([sys.executable, "-m", "pipeline", "prepare", task], prep, args.timeout)
         for n in (1, args.nproc):
