@@ -7,6 +7,8 @@ how a batch becomes a GateTrace in `trace`. Everything else is here, once.
 
 from __future__ import annotations
 
+import contextlib
+
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -101,8 +103,11 @@ class RecurrentModule(L.LightningModule):
         return total * world / both[1], both[0] / both[1]
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        # every draw in this step (dropout, augmentation) is a function of (seed, epoch, global sample index)
-        with randomness.per_sample(self._base_seed, self.current_epoch, batch["index"]):
+        # every draw in this step (dropout, augmentation) is a function of (seed, epoch, global sample index);
+        # a hand-made batch without `index` (not from PreparedDataModule) draws from torch's RNG instead
+        draws = (randomness.per_sample(self._base_seed, self.current_epoch, batch["index"]) if "index" in batch
+                 else contextlib.nullcontext())
+        with draws:
             terms = self.loss_terms(batch)
         loss, value = self._global_mean(*terms)
         if not torch.isfinite(value):
