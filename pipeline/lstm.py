@@ -280,11 +280,17 @@ class _Traced:
         names += ["weight_hr"] if getattr(self, "proj_size", 0) else []
         return [getattr(self, n + sfx) for n in names]
 
-    def _inter_layer_dropout(self, out: Tensor, k: int) -> Tensor:
-        """nn.LSTM's dropout on each layer's output except the last one's (the one place it happens)."""
-        if self.dropout > 0 and self.training and k < self.num_layers - 1:
-            return F.dropout(out, self.dropout, training=True)
-        return out
+    def inter_layer_dropout(self, out: Tensor, batch_sizes: Tensor | None, sorted_indices: Tensor | None) -> Tensor:
+        """nn.LSTM's dropout between layers, on one layer's output: dense in the input's layout, or a
+        PackedSequence's data (time-major rows, the batch in `sorted_indices` order). A hook: a subclass may
+        draw other masks (pipeline.models.base draws them per sample); then training with dropout between
+        layers runs layer by layer, as the traced pass does, so the hook sees every layer's output."""
+        return F.dropout(out, self.dropout, training=True)
+
+    def _custom_dropout(self) -> bool:
+        """True when a subclass draws its own inter-layer masks and they would be drawn in this forward."""
+        return (self.dropout > 0 and self.training and self.num_layers > 1
+                and type(self).inter_layer_dropout is not _Traced.inter_layer_dropout)
 
     def _pack_lengths(self, input, lengths):
         """Pack a padded batch by its true lengths, with clear errors for bad lengths."""
@@ -355,7 +361,7 @@ class _Traced:
     def _fused(self, inp, batch_sizes, hx, weights):
         raise NotImplementedError
 
-    def _layer_by_layer(self, data, batch_sizes, hx):
+    def _layer_by_layer(self, data, batch_sizes, hx, sorted_indices=None):
         """One fused call per layer (both directions in one call): (output data, final state, layer ios)."""
         D = 2 if self.bidirectional else 1
         finals, layers, inp = [], [], data
@@ -364,19 +370,23 @@ class _Traced:
             out, state = self._fused(inp, batch_sizes, tuple(h[k * D : (k + 1) * D] for h in hx), weights)
             finals.append(state)
             layers.append((inp, out))
-            inp = self._inter_layer_dropout(out, k)
+            last = k == self.num_layers - 1
+            inp = out if last or not (self.dropout > 0 and self.training) else \
+                self.inter_layer_dropout(out, batch_sizes, sorted_indices)
         return out, tuple(torch.cat(parts) for parts in zip(*finals)), layers
 
     def _run(self, input, hx, lengths, return_gates):
         """Checks, then either the plain torch forward or the traced layer-by-layer pass."""
         x = input if lengths is None else self._pack_lengths(input, lengths)
-        data, batch_sizes, sorted_hx, hx3, is_batched = self._prepare(x, hx, need_state=return_gates)
+        layered = return_gates or self._custom_dropout()
+        data, batch_sizes, sorted_hx, hx3, is_batched = self._prepare(x, hx, need_state=layered)
         trace = None
-        if not return_gates:
+        if not layered:
             output, state = super().forward(x, hx)  # exactly nn.LSTM / nn.RNN, after our checks
             state = self._state_tuple(state)
         else:
-            out, state, layers = self._layer_by_layer(data, batch_sizes, sorted_hx)
+            sorted_indices = x.sorted_indices if batch_sizes is not None else None
+            out, state, layers = self._layer_by_layer(data, batch_sizes, sorted_hx, sorted_indices)
             if batch_sizes is not None:
                 output = PackedSequence(out, batch_sizes, x.sorted_indices, x.unsorted_indices)
                 if x.unsorted_indices is not None:

@@ -2,17 +2,26 @@
 
     python -m pipeline train <task>
 
-Checkpoints live in checkpoints/<task>/ (a DVC `persist` output) next to a fingerprint of
-everything that shapes the run; a rerun with the same fingerprint resumes from `last.ckpt`,
-so a killed training continues where it stopped and ends where an uninterrupted one ends.
-models/<task>/ is written only after training succeeded, in one rename.
+Launch mistakes (nodes without a launcher, devices x nodes != the launcher's world size, a split
+too small for every rank) are refused first, in one line, before any checkpoint, model or MLflow
+side effect. Checkpoints live in checkpoints/<task>/ (a DVC `persist` output) next to a fingerprint
+of everything that shapes the run: `best.ckpt` (lowest val_loss) and `last.ckpt` (rewritten after
+every epoch). A rerun with the same fingerprint resumes from `last.ckpt`, so a killed training
+continues where it stopped and ends where an uninterrupted one ends; a finished one is not retrained
+(models/<task>/ is rewritten from its checkpoints). models/<task>/ is written only after training
+succeeded, in one rename. The MLflow run of a failed training is marked FAILED, of a killed one
+(SIGTERM, SIGINT) KILLED; its resume sets it RUNNING again and logs no step twice.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import signal
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.config import Params, PipelineError, first_line
@@ -29,20 +38,96 @@ def fingerprint(task: str, params: Params, data_dir: Path) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _resume_state(ckpt_dir: Path, stamp: str, zero: bool) -> tuple[Path | None, str | None]:
-    """(last checkpoint, MLflow run id) to resume from; rank 0 clears the folder when anything changed."""
+def _resume_state(ckpt_dir: Path, stamp: str, zero: bool) -> tuple[Path | None, dict]:
+    """(last checkpoint, saved resume.json) to resume from; rank 0 clears the folder when anything changed."""
     meta = ckpt_dir / "resume.json"
     if meta.exists():
         saved = json.loads(meta.read_text())
         last = ckpt_dir / "last.ckpt"
         if saved.get("fingerprint") == stamp and last.exists():
-            if zero:
+            if zero and not saved.get("finished"):
                 print(f"resuming from {last}")
-            return last, saved.get("run_id")
+            return last, saved
     if zero:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-    return None, None
+    return None, {}
+
+
+def _write_resume(ckpt_dir: Path, state: dict) -> None:
+    """resume.json in one rename: other ranks read it while rank 0 writes it."""
+    tmp = ckpt_dir / "resume.json.tmp"
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, ckpt_dir / "resume.json")
+
+
+def _devices_count(devices) -> int | None:
+    """How many devices trainer.devices asks for per node, when it says (None for "auto" or -1)."""
+    if isinstance(devices, list):
+        return len(devices)
+    if isinstance(devices, str):
+        if "," in devices:
+            return len([d for d in devices.split(",") if d.strip()])
+        devices = int(devices) if devices.strip().lstrip("-").isdigit() else -1
+    return devices if devices > 0 else None
+
+
+def launcher_world() -> tuple[int | None, int | None]:
+    """(world size, processes per node) the launcher made: torchrun, Lightning's own launcher and most
+    others set WORLD_SIZE (and LOCAL_WORLD_SIZE); SLURM's srun sets SLURM_NTASKS (an interactive
+    allocation without srun does not count, as Lightning decides). (None, None) without a launcher."""
+    env = os.environ
+    slurm = False
+    if "SLURM_NTASKS" in env and "WORLD_SIZE" not in env:  # Lightning only then: this check runs before torch loads
+        from lightning.fabric.plugins.environments import SLURMEnvironment
+
+        slurm = SLURMEnvironment.detect()
+    world = env.get("SLURM_NTASKS") if slurm else env.get("WORLD_SIZE")
+    local = env.get("SLURM_NTASKS_PER_NODE") if slurm else env.get("LOCAL_WORLD_SIZE")
+    as_int = lambda v: int(v) if v and v.isdigit() else None  # noqa: E731
+    return as_int(world), as_int(local)
+
+
+def check_launch(params: Params) -> None:
+    """Refuse, in one line, a trainer section the processes at hand cannot run (instead of a hang at the
+    rendezvous or a traceback on every rank). Ranks other than 0 exit with code 2 silently."""
+    t = params.trainer
+    world, local = launcher_world()
+    per_node = _devices_count(t.devices)
+    problem = None
+    if world is None:
+        if t.num_nodes > 1:
+            problem = (f"trainer.num_nodes={t.num_nodes} needs a launcher that starts the processes on every node "
+                       f"(torchrun --nnodes {t.num_nodes} ..., SLURM's srun); none found (no WORLD_SIZE set)")
+    elif per_node is not None and per_node * t.num_nodes != world:
+        problem = (f"trainer.devices x trainer.num_nodes = {per_node} x {t.num_nodes} = {per_node * t.num_nodes}, "
+                   f"but the launcher started {world} processes (WORLD_SIZE={world}): make them agree")
+    elif per_node is not None and local is not None and per_node != local:
+        problem = (f"trainer.devices={per_node}, but the launcher started {local} processes on this node "
+                   f"(LOCAL_WORLD_SIZE={local}): make them agree")
+    if problem is not None:
+        refuse(problem)
+
+
+def refuse(problem: str) -> None:
+    """A launch problem every rank finds: global rank 0 raises it (one `error:` line); the others exit with
+    code 2 silently, a few seconds later, so that the launcher (torchrun stops every rank at the first
+    failure) lets rank 0 say it first."""
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        time.sleep(3)
+        raise SystemExit(2)
+    raise PipelineError(problem)
+
+
+def check_split(dm, task: str, batch_size: int, world: int) -> None:
+    """Every rank needs at least one train and one val batch (else a hang or a 'zero length' traceback)."""
+    for split, kwargs in (("train", {"shuffle": True, "drop_last": True}), ("val", {})):
+        n = len(next(iter(dm.split(split).values())))
+        empty = [r for r in range(world)
+                 if len(dm.loader(split, rank=r, world_size=world, **kwargs).batch_sampler) == 0]
+        if empty:
+            refuse(f"{task}: the {split} split ({n} samples) gives {len(empty)} of {world} process(es) "
+                   f"no batch (train.batch_size {batch_size}): use fewer devices or more data")
 
 
 def build_trainer(params: Params, task: str, ckpt_dir: Path, logger, extra_callbacks=()):
@@ -52,7 +137,11 @@ def build_trainer(params: Params, task: str, ckpt_dir: Path, logger, extra_callb
 
     cfg = params.task(task).train
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min",
-                                 save_top_k=1, save_last=True, enable_version_counter=False)
+                                 save_top_k=1, enable_version_counter=False)
+    # last.ckpt after every epoch, whatever val_loss did (save_last on the monitored callback rewrote it only
+    # on improvement). After `checkpoint` in the list: last.ckpt then holds this epoch's best score.
+    last = ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1,
+                           enable_version_counter=False)
     try:  # Lightning checks accelerator, devices and precision here: a bad value is one line, not a traceback
         trainer = L.Trainer(
             **params.trainer.model_dump(),
@@ -63,7 +152,7 @@ def build_trainer(params: Params, task: str, ckpt_dir: Path, logger, extra_callb
             use_distributed_sampler=False,  # GlobalBatchSampler: the same global batches on any device count
             log_every_n_steps=1,  # train_loss at every step
             logger=logger if logger is not None else False,
-            callbacks=[checkpoint, *extra_callbacks],
+            callbacks=[checkpoint, last, *extra_callbacks],
             default_root_dir=ckpt_dir,
             enable_model_summary=False,
         )
@@ -90,70 +179,147 @@ def write_model_dir(out_dir: Path, model, info: dict, ckpt_dir: Path) -> None:
                 shutil.copy2(ckpt_dir / name, tmp / name)
 
 
+class Terminated(SystemExit):
+    """SIGTERM during training: unwinds like Ctrl+C (exit code 143), so the MLflow run is marked KILLED."""
+
+
+@contextmanager
+def _sigterm_unwinds():
+    def handler(signum, frame):
+        raise Terminated(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def set_run_status(logger, status: str) -> None:
+    """RUNNING when a run resumes; FAILED or KILLED when training ends badly (Lightning says 'failed' for both)."""
+    if status == "RUNNING":
+        logger.experiment.update_run(logger.run_id, status="RUNNING")
+    else:
+        logger.experiment.set_terminated(logger.run_id, status)
+
+
+def skip_logged_steps(logger) -> None:
+    """A resumed run redoes the steps after its last checkpoint with the same numbers: log each
+    (metric, step) once, so MLflow's history has no duplicate steps."""
+    client, run_id = logger.experiment, logger.run_id
+    logged = {key: max((m.step for m in client.get_metric_history(run_id, key)), default=-1)
+              for key in client.get_run(run_id).data.metrics}
+    if not logged:
+        return
+    log_metrics = logger.log_metrics
+
+    def once(metrics: dict, step: int | None = None) -> None:
+        fresh = {k: v for k, v in metrics.items() if step is None or step > logged.get(k, -1)}
+        if fresh:
+            log_metrics(fresh, step)
+
+    logger.log_metrics = once
+
+
 def train(task_name: str, params: Params, *, data_root: Path = DATA_ROOT, models_root: Path = MODELS_ROOT,
           ckpt_root: Path = CKPT_ROOT, track: bool = True, root: Path = Path("."), callbacks=()) -> str:
-    import lightning as L
-    import torch
-
-    from pipeline import tracking
-    from pipeline.datasets.datamodule import PreparedDataModule
-
     task, cfg = get_task(task_name), params.task(task_name)
     data_dir, out_dir, ckpt_dir = data_root / task_name, models_root / task_name, ckpt_root / task_name
     if task_name not in params.tasks:
         raise PipelineError(f"task {task_name!r} is not in params.yaml's task list")
+    check_launch(params)  # before anything waits on a rendezvous or touches a file, before torch loads (seconds)
+
+    import lightning as L
+
+    from pipeline import tracking
+    from pipeline.datasets.datamodule import PreparedDataModule
+
     stamp = fingerprint(task_name, params, data_dir)
     # Lightning's checks and the batch split first: a bad trainer section touches no checkpoint and no MLflow run
     trainer, checkpoint = build_trainer(params, task_name, ckpt_dir, None, callbacks)
+    dm = PreparedDataModule(data_dir, cfg.train.batch_size, params.seed, cfg.train.block_size)
+    check_split(dm, task_name, cfg.train.batch_size, trainer.world_size)
     zero = tracking.is_global_zero()
-    resume_from, run_id = _resume_state(ckpt_dir, stamp, zero)
+    resume_from, saved = _resume_state(ckpt_dir, stamp, zero)
 
     L.seed_everything(params.seed, workers=True, verbose=False)
-    dm = PreparedDataModule(data_dir, cfg.train.batch_size, params.seed, cfg.train.block_size)
     model = task.model_class(vocab=dm.vocab, dims=dm.dims(), model=cfg.model.model_dump(),
                              train=cfg.train.model_dump())
+    if saved.get("finished"):  # the same training already ended: publish its result again, train nothing
+        if not zero:
+            return ""
+        return publish(task_name, params, model, dm, ckpt_dir, out_dir, checkpoint.state_key, stamp,
+                       saved.get("run_id"), saved.get("world_size", trainer.world_size), root, again=True)
     logger = None
     if track and zero:
         tags = {"task": task_name, "topology": task.topology, "git_commit": tracking.git_commit(root),
                 "dvc_stage": f"train@{task_name}", "devices": str(params.trainer.devices),
                 "num_nodes": str(params.trainer.num_nodes), "strategy": params.trainer.strategy}
-        logger = tracking.make_logger(params, task_name, tags, run_id=run_id, root=root)
+        logger = tracking.make_logger(params, task_name, tags, run_id=saved.get("run_id"), root=root)
     if logger is not None:
         trainer.logger = logger
+        if saved.get("run_id"):
+            set_run_status(logger, "RUNNING")
+            skip_logged_steps(logger)
         logger.log_hyperparams(tracking.flatten({"seed": params.seed, "trainer": params.trainer.model_dump(),
                                                  **{task_name: cfg.model_dump(mode="json")}}))
         logger.experiment.set_tag(logger.run_id, "world_size", str(trainer.world_size))
-        (ckpt_dir / "resume.json").write_text(json.dumps({"fingerprint": stamp, "run_id": logger.run_id}))
-    elif zero:
-        (ckpt_dir / "resume.json").write_text(json.dumps({"fingerprint": stamp, "run_id": None}))
+    run_id = logger.run_id if logger is not None else None
+    if zero:
+        _write_resume(ckpt_dir, {"fingerprint": stamp, "run_id": run_id})
 
     try:
-        trainer.fit(model, datamodule=dm, ckpt_path=str(resume_from) if resume_from else None)
-    finally:
+        with _sigterm_unwinds():
+            trainer.fit(model, datamodule=dm, ckpt_path=str(resume_from) if resume_from else None)
+    except BaseException as err:
         if logger is not None:
             tracking.flush()
+            set_run_status(logger, "KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED")
+        raise
+    if logger is not None:
+        tracking.flush()
     if not trainer.is_global_zero:
         return ""
-    best = Path(checkpoint.best_model_path or ckpt_dir / "best.ckpt")
-    if not best.exists():
+    _write_resume(ckpt_dir, {"fingerprint": stamp, "run_id": run_id, "finished": True,
+                             "world_size": trainer.world_size})
+    return publish(task_name, params, model, dm, ckpt_dir, out_dir, checkpoint.state_key, stamp, run_id,
+                   trainer.world_size, root)
+
+
+def publish(task_name: str, params: Params, model, dm, ckpt_dir: Path, out_dir: Path, best_key: str, stamp: str,
+            run_id: str | None, world_size: int, root: Path, again: bool = False) -> str:
+    """models/<task>/ from the checkpoints: the best epoch's weights; the last epoch's counters."""
+    import torch
+
+    from pipeline import tracking
+
+    task, cfg = get_task(task_name), params.task(task_name)
+    best_path, last_path = ckpt_dir / "best.ckpt", ckpt_dir / "last.ckpt"
+    if not best_path.exists() or not last_path.exists():
         raise PipelineError(f"training of {task_name} produced no checkpoint in {ckpt_dir}")
     # weights only: no pickled objects are trusted when loading
-    weights = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
-    model.load_state_dict(weights)
+    best = torch.load(best_path, map_location="cpu", weights_only=True)
+    model.load_state_dict(best["state_dict"])
     # counters and best score from the last checkpoint: under ddp_spawn this process's trainer and
     # callbacks never ran (only the weights come back), so their epoch, step and score read 0 / None
-    last = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=True)
-    score = last["callbacks"][checkpoint.state_key]["best_model_score"]
+    last = torch.load(last_path, map_location="cpu", weights_only=True)
+    score = last["callbacks"][best_key]["best_model_score"]
     best_val, epochs, steps = (float(score) if score is not None else None), last["epoch"] + 1, last["global_step"]
     info = {"task": task_name, "topology": task.topology, "model_class": task.model,
             "hparams": {"vocab": dm.vocab, "dims": dm.dims(), "model": cfg.model.model_dump(),
                         "train": cfg.train.model_dump()},
-            "best_val_loss": best_val, "epochs": epochs, "global_step": steps,
-            "world_size": trainer.world_size, "seed": params.seed, "fingerprint": stamp,
-            "mlflow_run_id": logger.run_id if logger is not None else None,
-            "tracking_uri": tracking.tracking_uri(params, root) if logger is not None else None}
+            "best_val_loss": best_val, "best_epoch": best["epoch"] + 1, "best_global_step": best["global_step"],
+            "epochs": epochs, "global_step": steps,
+            "world_size": world_size, "seed": params.seed, "fingerprint": stamp,
+            "mlflow_run_id": run_id,
+            "tracking_uri": tracking.tracking_uri(params, root) if run_id is not None else None}
     write_model_dir(out_dir, model, info, ckpt_dir)
     params_count = sum(p.numel() for p in model.parameters())
-    val = f"{best_val:.4f}" if best_val is not None else "n/a"
-    return (f"{task_name}: trained {task.topology} ({params_count:,} parameters) for {epochs} epochs, "
-            f"{steps} steps on {trainer.world_size} device(s); best val_loss {val}; wrote {out_dir}/")
+    val = f"{best_val:.4f} (epoch {best['epoch'] + 1})" if best_val is not None else "n/a"
+    done = "already trained, not retrained:" if again else "trained"
+    return (f"{task_name}: {done} {task.topology} ({params_count:,} parameters) for {epochs} epochs, "
+            f"{steps} steps on {world_size} device(s); best val_loss {val}; wrote {out_dir}/")

@@ -49,10 +49,11 @@ def write_task(data_root: Path, nan_at: int | None = None) -> Path:
 
 
 def make_params(*, lr: float = 0.01, dropout: float = 0.3, epochs: int = EPOCHS, batch: int = BATCH,
-                devices: int = 1, strategy: str = "auto") -> Params:
+                devices: int = 1, strategy: str = "auto", layers: int = 1, shift: int = 0) -> Params:
     return Params(seed=11, tasks=[TASK], trainer=TrainerConfig(accelerator="cpu", devices=devices, strategy=strategy),
-                  digits=DigitsParams(model=ModelConfig(hidden_size=12, dropout=dropout),
-                                      train=TrainConfig(batch_size=batch, max_epochs=epochs, lr=lr)))
+                  digits=DigitsParams(model=ModelConfig(hidden_size=12, dropout=dropout, num_layers=layers),
+                                      train=TrainConfig(batch_size=batch, max_epochs=epochs, lr=lr,
+                                                        augment_shift=shift)))
 
 
 def run(data_root: Path, out: Path, params: Params, callbacks=()) -> str:
@@ -199,12 +200,13 @@ def test_batch_size_must_divide_over_devices_before_anything_spawns(data_root, t
 
 
 def test_one_and_two_cpu_processes_give_the_same_loss_curve(data_root, tmp_path, monkeypatch):
-    """ddp_spawn, not ddp: ddp re-launches pytest itself as rank 1."""
+    """ddp_spawn, not ddp: ddp re-launches pytest itself as rank 1. Dropout (head and between two
+    layers) and shift augmentation on: their draws are per sample, so they match too."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # spawned processes side by side on 2 cores (this one: one_thread)
     logs = {}
     for devices, strategy in ((1, "auto"), (2, "ddp_spawn")):
         out = tmp_path / f"p{devices}"
-        params = make_params(dropout=0.0, epochs=DDP_EPOCHS, devices=devices, strategy=strategy)
+        params = make_params(dropout=0.3, layers=2, shift=2, epochs=DDP_EPOCHS, devices=devices, strategy=strategy)
         summary = run(data_root, out, params, callbacks=[LossLog(out / "loss")])
         assert f"{DDP_STEPS} steps on {devices} device(s)" in summary
         logs[devices] = [read_log(out / "loss", rank) for rank in range(devices)]
@@ -283,3 +285,65 @@ def test_two_process_training_makes_one_mlflow_run(data_root, tmp_path, monkeypa
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
     assert sorted(steps) == list(range(config["global_step"]))  # each step once: rank 1 logged nothing
     assert run.data.tags["world_size"] == "2"
+
+
+# --- checkpoints and run status ------------------------------------------------------------------
+
+
+def test_last_checkpoint_is_the_last_epoch_and_a_finished_training_is_not_retrained(data_root, reference, tmp_path,
+                                                                                    capsys):
+    import shutil
+
+    last = torch.load(reference / "checkpoints" / TASK / "last.ckpt", map_location="cpu", weights_only=True)
+    best = torch.load(reference / "checkpoints" / TASK / "best.ckpt", map_location="cpu", weights_only=True)
+    weights, config = result(reference)
+    assert (last["epoch"] + 1, last["global_step"]) == (EPOCHS, STEPS) == (config["epochs"], config["global_step"])
+    assert (config["best_epoch"], config["best_global_step"]) == (best["epoch"] + 1, best["global_step"])
+    assert config["best_val_loss"] == pytest.approx(float(best["callbacks"][next(
+        k for k in best["callbacks"] if "val_loss" in k)]["best_model_score"]))
+    # a rerun with the same fingerprint (models/<task> deleted, as `dvc repro` does) trains nothing
+    shutil.copytree(reference / "checkpoints", tmp_path / "checkpoints")
+    capsys.readouterr()
+    summary = run(data_root, tmp_path, make_params(), callbacks=[LossLog(tmp_path / "loss")])
+    assert "already trained" in summary and f"for {EPOCHS} epochs, {STEPS} steps" in summary
+    assert not Path(f"{tmp_path / 'loss'}.rank0").exists()  # not one step
+    again_weights, again = result(tmp_path)
+    assert_same_weights(again_weights, weights)
+    assert again == config
+
+
+def test_mlflow_run_is_failed_then_resumed_once_per_step(data_root, tmp_path, monkeypatch):
+    """A failed training marks its run FAILED; the resume sets it RUNNING, then FINISHED, and the steps
+    it redoes (epoch 1 was logged, not checkpointed) are not logged twice."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.config import TrackingConfig
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    params = make_params().model_copy(
+        update={"tracking": TrackingConfig(uri=uri, artifact_location=str(tmp_path / "mlruns"))})
+    out = tmp_path / "run"
+    kwargs = dict(data_root=data_root, models_root=out / "models", ckpt_root=out / "checkpoints", track=True,
+                  root=tmp_path)
+    with pytest.raises(Interrupted):
+        train(TASK, params, callbacks=[Interrupt("on_train_epoch_end", 1)], **kwargs)
+    client = MlflowClient(uri)
+    (failed,) = client.search_runs([client.get_experiment_by_name(params.tracking.experiment).experiment_id])
+    assert failed.info.status == "FAILED"
+    first = [m.step for m in client.get_metric_history(failed.info.run_id, "train_loss")]
+    assert len(first) > STEPS // EPOCHS  # epoch 1's steps were logged before the failure
+
+    statuses = []
+
+    class Status(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            statuses.append(client.get_run(failed.info.run_id).info.status)
+
+    train(TASK, params, callbacks=[Status()], **kwargs)
+    run = client.get_run(failed.info.run_id)
+    assert statuses == ["RUNNING"] and run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+    assert sorted(steps) == list(range(STEPS))  # every step once
+    val_steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")]
+    assert len(val_steps) == len(set(val_steps)) == EPOCHS

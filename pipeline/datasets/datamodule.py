@@ -65,8 +65,11 @@ def char_windows(ids: np.ndarray, block_size: int) -> dict[str, np.ndarray]:
 
 
 def collate(arrays: dict[str, np.ndarray], indices: list[int]) -> dict[str, torch.Tensor]:
+    """The samples at `indices`, padded arrays trimmed to the longest member, and `index`: the global
+    sample indices themselves (int64), which training's per-sample randomness keys on."""
     idx = np.asarray(indices, dtype=np.int64)
     batch = {name: torch.from_numpy(np.ascontiguousarray(a[idx])) for name, a in arrays.items()}
+    batch["index"] = torch.from_numpy(idx)
     for lengths, padded in PADDED.items():
         if lengths in batch and len(idx):
             longest = int(batch[lengths].max())

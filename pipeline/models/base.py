@@ -1,11 +1,13 @@
 """What every topology shares: the GateLSTM core, inputs, heads, the loss over a global batch,
-the NaN guard, the optimizer, and per-epoch seeding.
+the NaN guard, the optimizer, and per-sample randomness in training steps.
 
 A subclass says how a batch becomes (summed loss, number of predictions) in `loss_terms`, and
 how a batch becomes a GateTrace in `trace`. Everything else is here, once.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import lightning as L
 import torch
@@ -14,6 +16,8 @@ from torch import Tensor, nn
 
 from pipeline.config import ModelConfig, PipelineError, TrainConfig
 from pipeline.lstm import GateLSTM, GateTrace
+from pipeline.models import randomness
+from pipeline.models.randomness import SampleDropout
 
 
 class NonFiniteLossError(PipelineError):
@@ -24,14 +28,23 @@ def token_embedding(num_tokens: int, cfg: ModelConfig) -> nn.Embedding:
     return nn.Embedding(num_tokens, cfg.embedding_dim, padding_idx=0)  # id 0 is padding everywhere
 
 
+class SampleGateLSTM(GateLSTM):
+    """GateLSTM whose inter-layer dropout masks are per sample (pipeline.models.randomness)."""
+
+    def inter_layer_dropout(self, out: Tensor, batch_sizes: Tensor | None, sorted_indices: Tensor | None) -> Tensor:
+        if batch_sizes is not None:
+            return randomness.packed_dropout(out, self.dropout, batch_sizes, sorted_indices)
+        return randomness.dropout(out, self.dropout, batch_dim=0 if self.batch_first else 1)
+
+
 def core(input_size: int, cfg: ModelConfig, bidirectional: bool = False) -> GateLSTM:
     """The recurrent core, batch-first; bidirectional only where the topology reads whole sequences."""
-    return GateLSTM(input_size, cfg.hidden_size, cfg.num_layers, batch_first=True,
-                    dropout=cfg.dropout if cfg.num_layers > 1 else 0.0, bidirectional=bidirectional)
+    return SampleGateLSTM(input_size, cfg.hidden_size, cfg.num_layers, batch_first=True,
+                          dropout=cfg.dropout if cfg.num_layers > 1 else 0.0, bidirectional=bidirectional)
 
 
 def head(cfg: ModelConfig, num_outputs: int, in_features: int | None = None) -> nn.Sequential:
-    return nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(in_features or cfg.hidden_size, num_outputs))
+    return nn.Sequential(SampleDropout(cfg.dropout), nn.Linear(in_features or cfg.hidden_size, num_outputs))
 
 
 def masked_cross_entropy(logits: Tensor, target: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -91,7 +104,13 @@ class RecurrentModule(L.LightningModule):
         return total * world / both[1], both[0] / both[1]
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        loss, value = self._global_mean(*self.loss_terms(batch))
+        # every draw in this step (dropout, augmentation) is a function of (seed, epoch, global sample index);
+        # a hand-made batch without `index` (not from PreparedDataModule) draws from torch's RNG instead
+        draws = (randomness.per_sample(self._base_seed, self.current_epoch, batch["index"]) if "index" in batch
+                 else contextlib.nullcontext())
+        with draws:
+            terms = self.loss_terms(batch)
+        loss, value = self._global_mean(*terms)
         if not torch.isfinite(value):
             raise NonFiniteLossError(
                 f"train_loss is {value.item()} at step {self.global_step} (epoch {self.current_epoch}): "
@@ -114,12 +133,13 @@ class RecurrentModule(L.LightningModule):
         self.log("val_loss", total / count, prog_bar=True, sync_dist=True)  # equal on every rank already
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
-        # Dropout masks depend only on (seed, epoch, rank): a run resumed at an epoch boundary
-        # draws exactly what the uninterrupted run drew. Seeded at the epoch's first batch, not in
-        # on_train_epoch_start: creating the DataLoader iterator draws from the global RNG, after that
-        # hook in an ordinary epoch but before it in a resumed one.
+        # Per-sample draws need no RNG state (pipeline.models.randomness). Anything else that draws from
+        # torch's RNG gets (seed, epoch) at the epoch's first batch, the same on every rank, so a run
+        # resumed at an epoch boundary draws what the uninterrupted one drew. Not in on_train_epoch_start:
+        # creating the DataLoader iterator draws from the global RNG after that hook in an ordinary epoch,
+        # before it in a resumed one.
         if batch_idx == 0:
-            torch.manual_seed(self._base_seed + 7919 * (self.current_epoch + 1) + self.global_rank)
+            torch.manual_seed(self._base_seed + 7919 * (self.current_epoch + 1))
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.train_cfg.lr, weight_decay=self.train_cfg.weight_decay)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.models.base import RecurrentModule, core, head, masked_cross_entropy
+from pipeline.models.randomness import row_uniform
 
 
 class OneToOne(RecurrentModule):
@@ -25,11 +26,12 @@ class OneToOne(RecurrentModule):
         return self.head(out[:, -1])
 
     def shifted(self, x: Tensor) -> Tensor:
-        """Each image moved by a random (dy, dx) in [-s, s]^2, zeros shifted in: cheap augmentation."""
+        """Each image moved by a random (dy, dx) in [-s, s]^2, zeros shifted in: cheap augmentation.
+        In a training step the shift is a function of (seed, epoch, sample index): pipeline.models.randomness."""
         s = self.train_cfg.augment_shift
         B, H, W = x.shape
         padded = F.pad(x, (s, s, s, s))
-        dy, dx = torch.randint(0, 2 * s + 1, (2, B), device=x.device)
+        dy, dx = (row_uniform(B, 2, x.device) * (2 * s + 1)).long().clamp(max=2 * s).T
         rows = (dy[:, None] + torch.arange(H, device=x.device))[:, :, None]
         cols = (dx[:, None] + torch.arange(W, device=x.device))[:, None, :]
         return padded[torch.arange(B, device=x.device)[:, None, None], rows, cols]

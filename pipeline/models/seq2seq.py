@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.models.base import RecurrentModule, core, masked_cross_entropy, token_embedding
+from pipeline.models.randomness import SampleDropout
 
 BOS, EOS = 2, 3  # prepared translation vocabularies: <pad>, <unk>, <bos>, <eos>
 
@@ -36,7 +37,7 @@ class Seq2Seq(RecurrentModule):
             self.bridge_memory = nn.Linear(2 * H, H, bias=False) if cfg.attention else None
         # attention: combine the decoder state with its context vector (Luong's "attentional hidden state")
         self.combine = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size) if cfg.attention else None
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = SampleDropout(cfg.dropout)
         self.out = nn.Linear(cfg.hidden_size, len(vocab["tgt_tokens"]))
 
     @property
