@@ -146,42 +146,56 @@ def log_evaluation(params: Params, run_id: str, metrics: dict, paths: list[Path]
             client.log_artifact(run_id, str(path), artifact_path="evaluation")
 
 
-PIP_REQUIREMENTS = ["torch>=2.3", "lightning>=2.2", "mlflow>=3.0", "numpy", "pandas", "safetensors", "pydantic>=2.5",
-                    "pyyaml", "torchmetrics"]  # explicit: environment capture took 8.7 s here, this ~1 s
+# What loading and predicting import (the pipeline package itself travels as code): no data-source packages,
+# no DVC. Lightning stays: every model class is a LightningModule. Pinned at logging time by pip_requirements().
+PIP_REQUIREMENTS = ["torch", "lightning", "mlflow", "numpy", "pandas", "safetensors", "pydantic", "pyyaml"]
+
+
+def pip_requirements() -> list[str]:
+    """PIP_REQUIREMENTS pinned to the installed versions (explicit: environment capture took 8.7 s here, this
+    ~1 s). A local version label is dropped as MLflow does (torch 2.13.0+cpu -> torch==2.13.0), so pip can
+    install it from the default index; which build (CPU, CUDA) it takes is the serving machine's choice."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+')[0]}" for name in PIP_REQUIREMENTS]
 
 
 def _signature_and_example(model_dir: Path):
-    """A natural input example per topology (from the model's own vocabulary) and its signature."""
+    """(input schema or None, input example) of a trained model: what its pyfunc predict takes.
+
+    Text and generator models name their columns, every one typed `any`: pipeline/serving_inputs.py checks the
+    values itself, with one-line errors, so that a batch where only some rows set `length` (a float column with
+    NaN) or a pandas int column both reach predict; a typed `long` or `double` column would refuse one of them.
+    Feature models (digits, gesture, activity) declare no input schema: MLflow's tensor schema would refuse
+    float64 arrays and a list of series of different lengths before predict. Their examples are real data in
+    the units predict takes (pipeline.datasets.<task>.example())."""
     import json
 
-    import numpy as np
     import pandas as pd
-    from mlflow.types.schema import ColSpec, Schema, TensorSpec
+    from mlflow.types.schema import AnyType, ColSpec, Schema
+
+    from pipeline.serving_defaults import MELODY
+    from pipeline.serving_inputs import kind_of
+    from pipeline.tasks import get_task
 
     info = json.loads((model_dir / "config.json").read_text())
-    topology, vocab = info["topology"], info["hparams"]["vocab"]
-    # generators: only the prime (seed note) is required. A signature inferred from the example would require
-    # length and temperature, and MLflow drops columns a signature lacks (top_k, seed) before predict sees them
-    options = [ColSpec("long", "length", required=False), ColSpec("double", "temperature", required=False)]
-    if topology == "char_lm":
-        sampling = [ColSpec("long", "top_k", required=False), ColSpec("long", "seed", required=False)]
-        return (Schema([ColSpec("string", "prime"), *options, *sampling]),
-                pd.DataFrame({"prime": ["ROMEO:"], "length": [40], "temperature": [0.8]}))
-    if topology == "seq2seq":
-        return None, pd.DataFrame({"text": ["three hundred and forty-two"]})
-    if topology == "one_to_many":
-        return (Schema([ColSpec("string", "seed"), *options]),
-                pd.DataFrame({"seed": [vocab["tokens"][2]], "length": [16], "temperature": [0.0]}))
-    if "tokens" in vocab:
-        return None, pd.DataFrame({"text": ["a gripping, beautifully acted film"]})
-    shape = info["hparams"]["dims"]["input_shape"]
-    if topology == "one_to_one":
-        example = np.zeros((1, *shape), np.float32)
-        spec = TensorSpec(np.dtype(np.float32), (-1, *shape))
-    else:  # variable-length sequences: time is -1 too
-        example = np.zeros((1, 50, shape[-1]), np.float32)
-        spec = TensorSpec(np.dtype(np.float32), (-1, -1, shape[-1]))
-    return Schema([spec]), example
+    kind, vocab = kind_of(info), info["hparams"]["vocab"]
+
+    def columns(required: str, *optional: str) -> Schema:
+        return Schema([ColSpec(AnyType(), required), *(ColSpec(AnyType(), c, required=False) for c in optional)])
+
+    if kind == "charlm":
+        return (columns("prime", "length", "temperature", "top_k", "seed"),
+                pd.DataFrame({"prime": ["ROMEO:", "JULIET:"], "length": [40, None], "temperature": [0.8, 0.0]}))
+    if kind == "melody":
+        return (columns("seed", "length", "temperature", "top_k", "random_seed"),
+                pd.DataFrame({"seed": [vocab["tokens"][2]], "length": [16], "temperature": [MELODY.temperature],
+                              "top_k": [MELODY.top_k], "random_seed": [0]}))
+    if kind == "translation":
+        return columns("text"), pd.DataFrame({"text": ["three hundred and forty-two", "seven"]})
+    if kind == "text":
+        return columns("text"), pd.DataFrame({"text": ["a gripping, beautifully acted film", "dull and lifeless"]})
+    return None, get_task(info["task"]).data_module.example()
 
 
 def log_and_register(params: Params, name: str, model_dir: Path, run_id: str, root: Path = Path(".")) -> str:
@@ -205,12 +219,11 @@ def log_and_register(params: Params, name: str, model_dir: Path, run_id: str, ro
         loaded.load_context(type("Ctx", (), {"artifacts": {"model": str(weights)}})())
         output = loaded.predict(None, example)
         signature = infer_signature(example, output)
-        if inputs is not None:
-            signature.inputs = inputs
+        signature.inputs = inputs
         with mlflow.start_run(run_id=run_id):
             logged = mlflow.pyfunc.log_model(
                 name="model", python_model=str(package / "pyfunc_model.py"), artifacts={"model": str(weights)},
-                code_paths=[str(package)], pip_requirements=PIP_REQUIREMENTS, signature=signature,
+                code_paths=[str(package)], pip_requirements=pip_requirements(), signature=signature,
                 input_example=example)
         version = mlflow.register_model(logged.model_uri, name, tags={"run_id": run_id})
     return str(version.version)
