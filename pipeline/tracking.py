@@ -185,8 +185,9 @@ def _signature_and_example(model_dir: Path):
         return Schema([ColSpec(AnyType(), required), *(ColSpec(AnyType(), c, required=False) for c in optional)])
 
     if kind == "charlm":
-        return (columns("prime", "length", "temperature", "top_k", "seed"),
-                pd.DataFrame({"prime": ["ROMEO:", "JULIET:"], "length": [40, None], "temperature": [0.8, 0.0]}))
+        primes = [p for p in ("ROMEO:", "The ") if set(p) <= set(vocab["chars"])] or [vocab["chars"][-1]]
+        return (columns("prime", "length", "temperature", "top_k", "seed"),  # a partly filled batch
+                pd.DataFrame({"prime": (primes * 2)[:2], "length": [40, None], "temperature": [0.8, 0.0]}))
     if kind == "melody":
         return (columns("seed", "length", "temperature", "top_k", "random_seed"),
                 pd.DataFrame({"seed": [vocab["tokens"][2]], "length": [16], "temperature": [MELODY.temperature],
