@@ -148,6 +148,14 @@ def text(value, where: str) -> str:
 # --- tables: text and generation --------------------------------------------------------------------------
 
 
+def _as_column(value) -> list | tuple | np.ndarray | pd.Series:
+    """A dict value as a column: sequences as they are, a scalar (or a 0-d array: MLflow parses the JSON
+    {"inputs": {"text": 42}} so) as one row."""
+    if isinstance(value, (list, tuple, pd.Series)) or (isinstance(value, np.ndarray) and value.ndim):
+        return value
+    return [value.item() if isinstance(value, np.ndarray) else value]
+
+
 def table(model_input, required: str, optional: Sequence[str] = ()) -> pd.DataFrame:
     """The input as a DataFrame with the `required` column and only known columns.
 
@@ -160,7 +168,7 @@ def table(model_input, required: str, optional: Sequence[str] = ()) -> pd.DataFr
     elif isinstance(model_input, str):
         frame = pd.DataFrame({required: [model_input]})
     elif isinstance(model_input, dict):
-        columns = {k: v if isinstance(v, (list, tuple, np.ndarray, pd.Series)) else [v] for k, v in model_input.items()}
+        columns = {k: _as_column(v) for k, v in model_input.items()}
         try:
             frame = pd.DataFrame(columns)
         except ValueError as err:
@@ -184,6 +192,11 @@ def table(model_input, required: str, optional: Sequence[str] = ()) -> pd.DataFr
         if len(frame) == 0:
             return pd.DataFrame({required: pd.Series([], dtype=object)})
         raise InputError(f"missing column {required!r}")
+    for column in frame.columns:  # MLflow parses JSON "instances" records into cells of 0-d arrays: unwrap them
+        cells = frame[column].tolist()
+        if any(isinstance(v, np.ndarray) and v.ndim == 0 for v in cells):
+            frame = frame.assign(**{column: [v.item() if isinstance(v, np.ndarray) and v.ndim == 0 else v
+                                             for v in cells]})
     return frame.reset_index(drop=True)
 
 

@@ -161,18 +161,19 @@ def pip_requirements() -> list[str]:
 
 
 def _signature_and_example(model_dir: Path):
-    """(input schema or None, input example) of a trained model: what its pyfunc predict takes.
+    """(input schema, input example) of a trained model: what its pyfunc predict takes.
 
-    Text and generator models name their columns, every one typed `any`: pipeline/serving_inputs.py checks the
-    values itself, with one-line errors, so that a batch where only some rows set `length` (a float column with
-    NaN) or a pandas int column both reach predict; a typed `long` or `double` column would refuse one of them.
-    Feature models (digits, gesture, activity) declare no input schema: MLflow's tensor schema would refuse
-    float64 arrays and a list of series of different lengths before predict. Their examples are real data in
-    the units predict takes (pipeline.datasets.<task>.example())."""
+    The input schema is None for every model: pipeline/serving_inputs.py checks every input itself (one-line
+    errors naming row and column) and MLflow's schema types each refuse inputs the contract takes. Measured with
+    MLflow 3.17: a `long` column refuses a batch where only some rows set it (float64 with NaN), `double` refuses
+    a pandas int64 column (`"length": [300]`), `any` breaks CSV (no pandas dtype: a 400 with a stack trace)
+    and turns `{"inputs": {"text": [...]}}` into one row, a `string` column answers a JSON number with MLflow's
+    several-line message, and a tensor spec refuses float64 arrays and series of different lengths. Without a
+    schema MLflow hands predict what the payload parses to, in every format. The examples are real inputs in
+    the units predict takes (feature models: pipeline.datasets.<task>.example())."""
     import json
 
     import pandas as pd
-    from mlflow.types.schema import AnyType, ColSpec, Schema
 
     from pipeline.serving_defaults import MELODY
     from pipeline.serving_inputs import kind_of
@@ -180,22 +181,17 @@ def _signature_and_example(model_dir: Path):
 
     info = json.loads((model_dir / "config.json").read_text())
     kind, vocab = kind_of(info), info["hparams"]["vocab"]
-
-    def columns(required: str, *optional: str) -> Schema:
-        return Schema([ColSpec(AnyType(), required), *(ColSpec(AnyType(), c, required=False) for c in optional)])
-
     if kind == "charlm":
         primes = [p for p in ("ROMEO:", "The ") if set(p) <= set(vocab["chars"])] or [vocab["chars"][-1]]
-        return (columns("prime", "length", "temperature", "top_k", "seed"),  # a partly filled batch
-                pd.DataFrame({"prime": (primes * 2)[:2], "length": [40, None], "temperature": [0.8, 0.0]}))
+        return None, pd.DataFrame({"prime": (primes * 2)[:2], "length": [40, None],  # a partly filled batch
+                                   "temperature": [0.8, 0.0]})
     if kind == "melody":
-        return (columns("seed", "length", "temperature", "top_k", "random_seed"),
-                pd.DataFrame({"seed": [vocab["tokens"][2]], "length": [16], "temperature": [MELODY.temperature],
-                              "top_k": [MELODY.top_k], "random_seed": [0]}))
+        return None, pd.DataFrame({"seed": [vocab["tokens"][2]], "length": [16], "temperature": [MELODY.temperature],
+                                   "top_k": [MELODY.top_k], "random_seed": [0]})
     if kind == "translation":
-        return columns("text"), pd.DataFrame({"text": ["three hundred and forty-two", "seven"]})
+        return None, pd.DataFrame({"text": ["three hundred and forty-two", "seven"]})
     if kind == "text":
-        return columns("text"), pd.DataFrame({"text": ["a gripping, beautifully acted film", "dull and lifeless"]})
+        return None, pd.DataFrame({"text": ["a gripping, beautifully acted film", "dull and lifeless"]})
     return None, get_task(info["task"]).data_module.example()
 
 

@@ -102,8 +102,10 @@ def served(tmp_path_factory):
             assert tracking.log_and_register(params, task, tmp / "models" / task, run_id, root=REPO) == "1"
         torch.set_num_threads(threads)
         built = time.monotonic()
+        venv = str(Path(sys.executable).parent)  # mlflow runs `uvicorn` from PATH, as in an activated venv
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {
-            "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+            "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1",
+            "PATH": f"{venv}{os.pathsep}{os.environ.get('PATH', '')}"}
         servers, mlflow_cli = {}, Path(sys.executable).with_name("mlflow")
         try:
             for task in TASKS:
@@ -203,11 +205,13 @@ def test_sentiment_bad_rows(served, body, fragment):
     refused(*post(served["sentiment"].port, body), fragment)
 
 
-def test_payloads_mlflow_refuses_before_predict(served):
+def test_malformed_payloads(served):
     port = served["sentiment"].port
-    refused(*post(port, b"{not json"), one_line=False)
+    refused(*post(port, b"{not json"), one_line=False)  # MLflow's parser refuses these before predict
     refused(*post(port, {"records": [{"text": "x"}]}), one_line=False)  # no known format key
-    refused(*post(port, {"dataframe_records": [{"txt": "x"}]}), "missing inputs", one_line=False)
+    refused(*post(port, {"dataframe_records": [{"txt": "x"}]}), "unknown column(s) 'txt'")
+    refused(*post(port, {"dataframe_records": [{"text": "x", "lenght": 3}]}), "unknown column(s) 'lenght'")
+    refused(*post(port, "txt\nx\n", "text/csv"), "unknown column(s) 'txt'")
 
 
 # --- translation ----------------------------------------------------------------------------------------
