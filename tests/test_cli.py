@@ -311,7 +311,7 @@ def test_help_lists_every_option_with_its_default(capsys):
 @pytest.fixture(scope="module")
 def served_models(workdir):
     """Random-weight melody, gesture and charlm models registered next to the tiny digits model (version 1 of
-    each): what `sample` and `predict` load does not depend on training."""
+    each, champion): what `sample` and `predict` check does not depend on training."""
     from mlflow.tracking import MlflowClient
     from test_serving import save_model
 
@@ -326,8 +326,9 @@ def served_models(workdir):
         for task in ("melody", "gesture", "charlm"):
             folder = save_model(workdir / "served" / task, task)
             run = client.create_run(tracking.experiment_id(params))
-            tracking.log_and_register(params, task, folder, run.info.run_id, root=workdir)
+            version = tracking.log_and_register(params, task, folder, run.info.run_id, root=workdir)
             client.set_terminated(run.info.run_id)
+            client.set_registered_model_alias(task, "champion", version)
     return workdir
 
 
