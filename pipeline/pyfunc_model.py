@@ -36,6 +36,7 @@ from pipeline import serving_inputs as inputs
 
 log = logging.getLogger(__name__)
 
+
 class RNNPyfunc(PythonModel):
     def load_context(self, context):
         from pipeline.models.saved import load_trained
@@ -156,6 +157,10 @@ class RNNPyfunc(PythonModel):
 
     # --- features in ------------------------------------------------------------------------------------
 
+    def _forward(self, x: torch.Tensor, *lengths: torch.Tensor) -> torch.Tensor:
+        """The model's logits; for an empty batch (a model call on 0 rows fails) an empty (0, 1, ...) tensor."""
+        return self.model(x, *lengths) if len(x) else torch.zeros(0, *([1] * (x.dim() - 1)))
+
     def _classify(self, logits: torch.Tensor) -> pd.DataFrame:
         probs = torch.softmax(logits, -1)
         best = probs.argmax(-1)
@@ -166,7 +171,7 @@ class RNNPyfunc(PythonModel):
 
     def _images(self, model_input) -> pd.DataFrame:
         x = inputs.images(model_input, self.info["hparams"]["dims"]["input_shape"])
-        return self._classify(self.model(torch.from_numpy(x))) if len(x) else self._classify(torch.zeros(0, 1))
+        return self._classify(self._forward(torch.from_numpy(x)))
 
     def _normalised(self, model_input) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, T_max, C) float32 normalised with the training statistics, zero-padded after normalisation as the
@@ -181,14 +186,14 @@ class RNNPyfunc(PythonModel):
 
     def _series(self, model_input) -> pd.DataFrame:
         x, lengths = self._normalised(model_input)
-        out = self._classify(self.model(x, lengths) if len(x) else torch.zeros(0, 1))
+        out = self._classify(self._forward(x, lengths))
         out["length"] = pd.Series(lengths.tolist(), dtype=np.int64)
         return out
 
     def _steps(self, model_input) -> pd.DataFrame:
         x, lengths = self._normalised(model_input)
         labels = np.asarray(self.vocab["labels"], dtype=object)
-        best = self.model(x, lengths).argmax(-1).numpy() if len(x) else np.zeros((0, 0), np.int64)
+        best = self._forward(x, lengths).argmax(-1).numpy()
         return pd.DataFrame({"labels": pd.Series([labels[row[:n]].tolist() for row, n in zip(best, lengths.tolist())],
                                                  dtype=object),
                              "length": pd.Series(lengths.tolist(), dtype=np.int64)})

@@ -1,26 +1,29 @@
 """The input contract of every served model: what the pyfunc model's `predict` accepts, checks and returns.
 
-One contract per kind of input, chosen by the model's topology and vocabulary (README, "Serving"):
+One contract per kind of model (`kind_of`: from the topology and vocabulary in config.json; the README's
+"Serving" section is the user's copy):
 
     text          sentiment     column `text`: a string, "" allowed
-    text          translation   column `text`: a string, "" allowed
-    generation    charlm        column `prime`: a non-empty string of known characters
+    translation   translation   column `text`: a string, "" allowed
+    charlm        charlm        column `prime`: a non-empty string of known characters
                                 [, `length`, `temperature`, `top_k`, `seed`]
-    generation    melody        column `seed`: a known note such as "C5|1.0"
+    melody        melody        column `seed`: a known note such as "C5|1.0"
                                 [, `length`, `temperature`, `top_k`, `random_seed`]
     images        digits        an array (N, 28, 28) or (N, 784), or a list of 28x28 images; pixels in [0, 1]
-    series        gesture,      an array (N, T, C) (or (N, T) for one channel) padded at the end with NaN steps,
-                  activity      a list of (T_i, C) arrays, or a DataFrame whose column `series` holds one per row
+    series        gesture       an array (N, T, C) (or (N, T) for one channel) padded at the end with NaN steps,
+    steps         activity      a list of (T_i, C) arrays, or a DataFrame whose column `series` holds one per row
 
-Every problem is an `InputError` raised before any model work: one line that names the row (0-based, in input
-order) and the column, which MLflow's scoring server answers with HTTP 400. Optional columns take their
-default where a cell is missing (None/NaN), so a batch where only some rows set `length` is fine. Whole
-numbers may arrive as floats (3.0: a JSON batch with a missing cell, or CSV) or numeric strings (CSV), never
-as fractions or booleans. An empty input gives an empty DataFrame with the output columns.
+Tables come as a DataFrame, a dict of columns, a list of records or a list of strings. Every problem is an
+`InputError` raised before any model work: one line that names the row (0-based, in input order) and the
+column, which MLflow's scoring server answers with HTTP 400. Optional columns take their default where a cell
+is missing (None/NaN), so a batch where only some rows set `length` is fine. Whole numbers may arrive as floats
+(3.0: a JSON batch with a missing cell) or numeric strings (CSV), never as fractions or booleans. Unknown
+columns are refused by name. An empty input gives an empty DataFrame with the output columns.
 
 Series: only NaN marks padding. A series ends before its trailing run of all-NaN steps; zeros are data, so a
-zero-padded series is read as a series that ends in zeros. A NaN inside a series, or in some channels of a
-step, is an error. Each series is then predicted at its own length, exactly as if it were sent alone.
+zero-padded series is read as a series that ends in zeros (the output's `length` shows it). A NaN inside a
+series, or in some channels of a step, is an error. Each series is then predicted at its own length, exactly
+as if it were sent alone.
 """
 
 from __future__ import annotations
