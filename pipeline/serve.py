@@ -91,8 +91,8 @@ def sample(params: Params, uri: str, prime: str, length: int, temperature: float
     return _run(model, pd.DataFrame({"prime": [prime], **{k: [v] for k, v in checked.items()}}))["text"][0]
 
 
-def _arrays(inputs: list[str], task: str) -> list:
-    """The rows in .npy files: a file holds one input (an image, a series) or several stacked along axis 0."""
+def _arrays(inputs: list[str], task: str) -> list[tuple[str, object]]:
+    """(name, array) of each .npy file named on the command line; PipelineError for anything else."""
     import numpy as np
 
     rows = []
