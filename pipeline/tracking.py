@@ -146,42 +146,53 @@ def log_evaluation(params: Params, run_id: str, metrics: dict, paths: list[Path]
             client.log_artifact(run_id, str(path), artifact_path="evaluation")
 
 
-PIP_REQUIREMENTS = ["torch>=2.3", "lightning>=2.2", "mlflow>=3.0", "numpy", "pandas", "safetensors", "pydantic>=2.5",
-                    "pyyaml", "torchmetrics"]  # explicit: environment capture took 8.7 s here, this ~1 s
+# What loading and predicting import (the pipeline package itself travels as code): no data-source packages,
+# no DVC. Lightning stays: every model class is a LightningModule. Pinned at logging time by pip_requirements().
+PIP_REQUIREMENTS = ["torch", "lightning", "mlflow", "numpy", "pandas", "safetensors", "pydantic", "pyyaml"]
+
+
+def pip_requirements() -> list[str]:
+    """PIP_REQUIREMENTS pinned to the installed versions (explicit: environment capture took 8.7 s here, this
+    ~1 s). A local version label is dropped as MLflow does (torch 2.13.0+cpu -> torch==2.13.0), so pip can
+    install it from the default index; which build (CPU, CUDA) it takes is the serving machine's choice."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+')[0]}" for name in PIP_REQUIREMENTS]
 
 
 def _signature_and_example(model_dir: Path):
-    """A natural input example per topology (from the model's own vocabulary) and its signature."""
+    """(input schema, input example) of a trained model: what its pyfunc predict takes.
+
+    The input schema is None for every model: pipeline/serving_inputs.py checks every input itself (one-line
+    errors naming row and column) and MLflow's schema types each refuse inputs the contract takes. Measured with
+    MLflow 3.17: a `long` column refuses a batch where only some rows set it (float64 with NaN), `double` refuses
+    a pandas int64 column (`"length": [300]`), `any` breaks CSV (no pandas dtype: a 400 with a stack trace)
+    and turns `{"inputs": {"text": [...]}}` into one row, a `string` column answers a JSON number with MLflow's
+    several-line message, and a tensor spec refuses float64 arrays and series of different lengths. Without a
+    schema MLflow hands predict what the payload parses to, in every format. The examples are real inputs in
+    the units predict takes (feature models: pipeline.datasets.<task>.example())."""
     import json
 
-    import numpy as np
     import pandas as pd
-    from mlflow.types.schema import ColSpec, Schema, TensorSpec
+
+    from pipeline.serving_defaults import MELODY
+    from pipeline.serving_inputs import kind_of
+    from pipeline.tasks import get_task
 
     info = json.loads((model_dir / "config.json").read_text())
-    topology, vocab = info["topology"], info["hparams"]["vocab"]
-    # generators: only the prime (seed note) is required. A signature inferred from the example would require
-    # length and temperature, and MLflow drops columns a signature lacks (top_k, seed) before predict sees them
-    options = [ColSpec("long", "length", required=False), ColSpec("double", "temperature", required=False)]
-    if topology == "char_lm":
-        sampling = [ColSpec("long", "top_k", required=False), ColSpec("long", "seed", required=False)]
-        return (Schema([ColSpec("string", "prime"), *options, *sampling]),
-                pd.DataFrame({"prime": ["ROMEO:"], "length": [40], "temperature": [0.8]}))
-    if topology == "seq2seq":
-        return None, pd.DataFrame({"text": ["three hundred and forty-two"]})
-    if topology == "one_to_many":
-        return (Schema([ColSpec("string", "seed"), *options]),
-                pd.DataFrame({"seed": [vocab["tokens"][2]], "length": [16], "temperature": [0.0]}))
-    if "tokens" in vocab:
-        return None, pd.DataFrame({"text": ["a gripping, beautifully acted film"]})
-    shape = info["hparams"]["dims"]["input_shape"]
-    if topology == "one_to_one":
-        example = np.zeros((1, *shape), np.float32)
-        spec = TensorSpec(np.dtype(np.float32), (-1, *shape))
-    else:  # variable-length sequences: time is -1 too
-        example = np.zeros((1, 50, shape[-1]), np.float32)
-        spec = TensorSpec(np.dtype(np.float32), (-1, -1, shape[-1]))
-    return Schema([spec]), example
+    kind, vocab = kind_of(info), info["hparams"]["vocab"]
+    if kind == "charlm":
+        primes = [p for p in ("ROMEO:", "The ") if set(p) <= set(vocab["chars"])] or [vocab["chars"][-1]]
+        return None, pd.DataFrame({"prime": (primes * 2)[:2], "length": [40, None],  # a partly filled batch
+                                   "temperature": [0.8, 0.0]})
+    if kind == "melody":
+        return None, pd.DataFrame({"seed": [vocab["tokens"][2]], "length": [16], "temperature": [MELODY.temperature],
+                                   "top_k": [MELODY.top_k], "random_seed": [0]})
+    if kind == "translation":
+        return None, pd.DataFrame({"text": ["three hundred and forty-two", "seven"]})
+    if kind == "text":
+        return None, pd.DataFrame({"text": ["a gripping, beautifully acted film", "dull and lifeless"]})
+    return None, get_task(info["task"]).data_module.example()
 
 
 def log_and_register(params: Params, name: str, model_dir: Path, run_id: str, root: Path = Path(".")) -> str:
@@ -205,12 +216,11 @@ def log_and_register(params: Params, name: str, model_dir: Path, run_id: str, ro
         loaded.load_context(type("Ctx", (), {"artifacts": {"model": str(weights)}})())
         output = loaded.predict(None, example)
         signature = infer_signature(example, output)
-        if inputs is not None:
-            signature.inputs = inputs
+        signature.inputs = inputs
         with mlflow.start_run(run_id=run_id):
             logged = mlflow.pyfunc.log_model(
                 name="model", python_model=str(package / "pyfunc_model.py"), artifacts={"model": str(weights)},
-                code_paths=[str(package)], pip_requirements=PIP_REQUIREMENTS, signature=signature,
+                code_paths=[str(package)], pip_requirements=pip_requirements(), signature=signature,
                 input_example=example)
         version = mlflow.register_model(logged.model_uri, name, tags={"run_id": run_id})
     return str(version.version)

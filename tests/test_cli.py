@@ -9,6 +9,7 @@ ones found later (the batch split over devices, a missing data folder), also run
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import subprocess
@@ -17,7 +18,10 @@ from pathlib import Path
 
 import lightning.pytorch  # noqa: F401  imported here, not under capsys: their log handlers keep the
 import mlflow  # noqa: F401  stream they first see, and a test's captured stream is closed after it
+import numpy as np
+import pandas as pd
 import pytest
+import torch
 import yaml
 
 from pipeline.__main__ import main
@@ -219,12 +223,15 @@ def test_unreachable_tracking_store(inside, capsys, tmp_path):
 
 
 @pytest.mark.parametrize("argv", [[], ["train"], ["bogus"], ["--nope", "prepare", "digits"],
-                                  ["prepare", "digits", "--nope"], ["prepare", "digits", "extra"]])
-def test_bad_command_lines_are_usage_errors(argv, inside, capsys):
+                                  ["prepare", "digits", "--nope"], ["prepare", "digits", "extra"],
+                                  ["sample", "--length", "abc"], ["sample", "--temperature", "warm"],
+                                  ["predict", "digits", "x.npy", "--top-k", "1.5"], ["predict"]])
+def test_bad_command_lines_are_one_line_usage_errors(argv, inside, capsys):
     with pytest.raises(SystemExit) as stop:
         main(argv)
     assert stop.value.code == 2
-    assert "usage:" in capsys.readouterr().err
+    line = one_error_line(capsys.readouterr().err)
+    assert "--help`)" in line
 
 
 def test_missing_inputs_name_the_missing_path(tmp_path, capsys, monkeypatch):
@@ -275,7 +282,154 @@ def test_bad_params_through_a_real_process(name, workdir, tmp_path):
 def test_usage_and_unknown_task_through_a_real_process(workdir):
     for args in (["bogus"], ["train"], ["--nope", "longrange"]):
         proc = pipeline_cli(args, workdir)
-        assert proc.returncode == 2 and "usage:" in proc.stderr and "Traceback" not in proc.stderr, args
+        assert proc.returncode == 2 and "--help" in one_error_line(proc.stderr), args
     proc = pipeline_cli(["prepare", "poetry"], workdir)
     assert proc.returncode == 2
     assert "unknown task 'poetry'" in one_error_line(proc.stderr)
+
+
+# --- the serving commands: sample and predict -------------------------------------------------------------
+
+
+def test_help_lists_every_option_with_its_default(capsys):
+    from pipeline.__main__ import _parser
+
+    subparsers = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for stage, parser in subparsers.choices.items():
+        with pytest.raises(SystemExit) as stop:
+            main([stage, "--help"])
+        assert stop.value.code == 0
+        text = " ".join(capsys.readouterr().out.split())
+        options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+        for action in options:
+            assert action.option_strings[-1] in text, (stage, action.dest)
+        assert text.count("(default: ") == len(options), (stage, text)
+    text = " ".join(_parser().format_help().split())
+    assert "--params PARAMS params file (default: params.yaml)" in text
+
+
+@pytest.fixture(scope="module")
+def served_models(workdir):
+    """Random-weight melody, gesture and charlm models registered next to the tiny digits model (version 1 of
+    each, champion): what `sample` and `predict` check does not depend on training."""
+    from mlflow.tracking import MlflowClient
+    from test_serving import save_model
+
+    from pipeline import tracking
+    from pipeline.config import load_params
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(workdir)
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        params = load_params("params.yaml")
+        client = MlflowClient(tracking.tracking_uri(params))
+        for task in ("melody", "gesture", "charlm"):
+            folder = save_model(workdir / "served" / task, task)
+            run = client.create_run(tracking.experiment_id(params))
+            version = tracking.log_and_register(params, task, folder, run.info.run_id, root=workdir)
+            client.set_terminated(run.info.run_id)
+            client.set_registered_model_alias(task, "champion", version)
+    return workdir
+
+
+@pytest.fixture
+def serving(served_models, monkeypatch):
+    monkeypatch.chdir(served_models)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return served_models
+
+
+def registered(task: str):
+
+    from pipeline import tracking
+    from pipeline.config import load_params
+
+    with tracking.mlflow_uri(tracking.tracking_uri(load_params("params.yaml"))):
+        return mlflow.pyfunc.load_model(f"models:/{task}/1")
+
+
+def run_ok(capsys, argv: list[str]) -> str:
+    capsys.readouterr()
+    assert main(argv) == 0, capsys.readouterr().err[-3000:]
+    return capsys.readouterr().out
+
+
+def test_predict_digits_from_files_holding_one_or_several_images(serving, capsys, tmp_path):
+    x = np.load(serving / "data/prepared/digits/test.npz")["x"][:5]
+    np.save(tmp_path / "three.npy", x[:3])
+    np.save(tmp_path / "one.npy", x[3])
+    np.save(tmp_path / "flat.npy", x[4].reshape(784).astype(np.float64))
+    out = run_ok(capsys, ["predict", "digits", str(tmp_path / "three.npy"), str(tmp_path / "one.npy"),
+                          str(tmp_path / "flat.npy")])
+    expected = registered("digits").predict(x)
+    assert out == expected.to_string(index=False) + "\n"
+
+
+def test_predict_gesture_files_of_different_lengths(serving, capsys, tmp_path):
+    rng = np.random.default_rng(0)
+    series = [rng.normal(size=n) for n in (60, 150, 90, 33)]
+    np.save(tmp_path / "a.npy", series[0])
+    np.save(tmp_path / "b.npy", series[1][:, None])  # (T, 1)
+    stack = np.full((2, 90), np.nan)  # two more, NaN-padded the UCR way
+    stack[0], stack[1, :33] = series[2], series[3]
+    np.save(tmp_path / "stack.npy", stack)
+    out = run_ok(capsys, ["predict", "gesture", *(str(tmp_path / f) for f in ("a.npy", "b.npy", "stack.npy"))])
+    model = registered("gesture")
+    alone = pd.concat([model.predict(s[None]) for s in series], ignore_index=True)
+    assert out == alone.to_string(index=False) + "\n"
+    assert alone["length"].tolist() == [60, 150, 90, 33]
+
+
+def test_predict_melody_takes_sampling_options(serving, capsys):
+    out = run_ok(capsys, ["predict", "melody", "C5|1.0", "--temperature", "0", "--length", "6"])
+    net = registered("melody").unwrap_python_model().model
+    tokens = net.vocab["tokens"]
+    greedy = " ".join(["C5|1.0"] + [tokens[i] for i in net.generate(torch.tensor([[2]]), 6, 0.0)[0]])
+    assert greedy in out
+    seeded = ["predict", "melody", "D5|1.0", "--seed", "4", "--top-k", "3"]
+    assert run_ok(capsys, seeded) == run_ok(capsys, seeded)
+
+
+def test_sample_takes_a_seed(serving, capsys):
+    argv = ["sample", "--prime", "The ", "--length", "30", "--seed", "9", "--model-uri", "models:/charlm/1"]
+    out = run_ok(capsys, argv)
+    assert out == registered("charlm").unwrap_python_model().model.sample("The ", 30, 0.8, seed=9) + "\n"
+
+
+SERVING_ERRORS = {
+    "sample_on_digits": (["sample", "--model-uri", "models:/digits@champion"], "not a char LM"),
+    "sample_on_gesture": (["sample", "--model-uri", "models:/gesture/1"], "'gesture' model, not a char LM"),
+    "sample_length_negative": (["sample", "--length", "-5"], "--length: -5 is out of range"),
+    "sample_length_above_cap": (["sample", "--length", "100000"], "--length: 100000 is out of range"),
+    "sample_temperature_nan": (["sample", "--temperature", "nan"], "--temperature: expected a finite number"),
+    "sample_temperature_inf": (["sample", "--temperature", "inf"], "--temperature: expected a finite number"),
+    "sample_top_k_zero": (["sample", "--top-k", "0"], "--top-k: 0 is out of range"),
+    "sample_unknown_characters": (["sample", "--model-uri", "models:/charlm/1", "--prime", "\u00e9t\u00e9"],
+                                  "characters the model does not know"),
+    "melody_malformed_seed": (["predict", "melody", "C4"], "unknown seed note 'C4'; a note is pitch|quarter-length"),
+    "melody_bad_temperature": (["predict", "melody", "C5|1.0", "--temperature", "-1"], "--temperature"),
+    "digits_missing_file": (["predict", "digits", "nope.npy"], "nope.npy: no such file"),
+    "digits_not_npy": (["predict", "digits", "a picture of a seven"], "digits takes .npy files"),
+    "digits_sampling_option": (["predict", "digits", "x.npy", "--temperature", "0.5"],
+                               "--temperature: only for generators"),
+    "wrong_model_for_task": (["predict", "gesture", "x.npy", "--model-uri", "models:/digits@champion"],
+                             "is the 'digits' model, not 'gesture'"),
+    "unknown_task": (["predict", "poetry", "x"], "unknown task 'poetry'"),
+}
+
+
+@pytest.mark.parametrize("name", list(SERVING_ERRORS))
+def test_serving_command_errors_are_one_line(name, serving, capsys, tmp_path):
+    argv, fragment = SERVING_ERRORS[name]
+    assert fragment in call(capsys, argv)
+
+
+def test_bad_npy_files_are_one_line(serving, capsys, tmp_path):
+    np.save(tmp_path / "shape.npy", np.zeros((3, 5)))
+    (tmp_path / "broken.npy").write_bytes(b"not an array")
+    np.save(tmp_path / "values.npy", np.full((28, 28), 255.0))
+    for path, fragment in (("shape.npy", "shape (3, 5) is not one image"), ("broken.npy", "not a readable .npy"),
+                           ("values.npy", "pixel values must lie in [0, 1]")):
+        assert fragment in call(capsys, ["predict", "digits", str(tmp_path / path)])
+    np.save(tmp_path / "inside.npy", np.array([1.0, np.nan, 2.0]))
+    assert "NaN at step 1" in call(capsys, ["predict", "gesture", str(tmp_path / "inside.npy")])

@@ -34,6 +34,16 @@ def streams(clips: np.ndarray, y: np.ndarray, count: int, per_stream: int, rng: 
     return {"x": x, "y": labels, "lengths": np.full(count, x.shape[1], dtype=np.int64)}
 
 
+def example() -> np.ndarray:
+    """Two real streams as predict takes them, in raw units: the first two test clips joined (200 steps), and
+    the third clip alone (100 steps, NaN-padded): (2, 200, 6) float64, the logged model's input example."""
+    clips, _ = load("test")
+    steps = clips.shape[1]
+    x = np.full((2, 2 * steps, clips.shape[2]), np.nan)
+    x[0], x[1, :steps] = np.concatenate(clips[:2]), clips[2]
+    return x
+
+
 def build(cfg: ActivityData, seed: int) -> Prepared:
     train_clips, train_names = load("train")
     test_clips, test_names = load("test")

@@ -24,6 +24,17 @@ def load(split: str) -> tuple[list[np.ndarray], np.ndarray]:
     return [s[~np.isnan(s)] for s in series], np.asarray(labels).astype(str)
 
 
+def example() -> np.ndarray:
+    """Two real test gestures of different lengths as predict takes them, in raw units and NaN-padded to the
+    longer one the UCR/aeon way: (2, T) float64, the logged model's input example."""
+    series, _ = load("test")
+    first = series[0]
+    second = next(s for s in series if len(s) != len(first))
+    x = np.full((2, max(len(first), len(second))), np.nan)
+    x[0, : len(first)], x[1, : len(second)] = first, second
+    return x
+
+
 def build(cfg: GestureData, seed: int) -> Prepared:
     train_x, train_y = load("train")
     test_x, test_y = load("test")

@@ -56,18 +56,6 @@ def masked_cross_entropy(logits: Tensor, target: Tensor, mask: Tensor | None = N
     return losses[mask].sum(), mask.sum()
 
 
-def pick_token(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
-               generator: torch.Generator | None = None) -> Tensor:
-    """Next token from (B, V) logits: greedy at temperature 0, else softmax(logits / T) over the top k."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
-
-
 class RecurrentModule(L.LightningModule):
     """Base LightningModule. Hyper-parameters are plain JSON-able dicts, so a model is rebuilt from
     its config.json plus a weights file, with no pickled objects anywhere."""
