@@ -91,7 +91,7 @@ def write_model_dir(out_dir: Path, model, info: dict, ckpt_dir: Path) -> None:
 
 
 def train(task_name: str, params: Params, *, data_root: Path = DATA_ROOT, models_root: Path = MODELS_ROOT,
-          ckpt_root: Path = CKPT_ROOT, track: bool = True, root: Path = Path("."), callbacks=()) -> str:
+          ckpt_root: Path = CKPT_ROOT, track: bool = True, root: Path | None = None, callbacks=()) -> str:
     import lightning as L
     import torch
 
@@ -116,7 +116,8 @@ def train(task_name: str, params: Params, *, data_root: Path = DATA_ROOT, models
     if track and zero:
         tags = {"task": task_name, "topology": task.topology, "git_commit": tracking.git_commit(root),
                 "dvc_stage": f"train@{task_name}", "devices": str(params.trainer.devices),
-                "num_nodes": str(params.trainer.num_nodes), "strategy": params.trainer.strategy}
+                "num_nodes": str(params.trainer.num_nodes), "strategy": params.trainer.strategy,
+                **tracking.dvc_experiment()}  # dvc_experiment, dvc_baseline_rev inside `dvc exp run`
         logger = tracking.make_logger(params, task_name, tags, run_id=run_id, root=root)
     if logger is not None:
         trainer.logger = logger
