@@ -125,12 +125,12 @@ def runs_nothing(path: Path) -> bool:
     return len(body) <= 1 and all(isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant) for s in body)
 
 
-def stages() -> list:
-    """(address, cmd, dep paths relative to the repo) for every stage of dvc.yaml, foreach resolved."""
+def stages(root: Path = REPO) -> list:
+    """(address, cmd, dep paths relative to the repo) for every stage of root's dvc.yaml, foreach resolved."""
     from dvc.repo import Repo
 
-    with Repo(str(REPO)) as repo:
-        return [(s.addressing, s.cmd, [Path(d.fs_path).relative_to(REPO) for d in s.deps]) for s in repo.index.stages]
+    with Repo(str(root)) as repo:
+        return [(s.addressing, s.cmd, [Path(d.fs_path).relative_to(root) for d in s.deps]) for s in repo.index.stages]
 
 
 def entry_files(cmd: str) -> set[Path]:
