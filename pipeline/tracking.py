@@ -56,12 +56,21 @@ def project_root(start: Path | None = None) -> Path:
     return workspace
 
 
-def dvc_experiment() -> dict[str, str]:
-    """Where `dvc exp run` (workspace, --temp or queued) is running this process: {"dvc_experiment": name,
-    "dvc_baseline_rev": the commit it started from}; {} outside an experiment (plain `dvc repro`).
-    DVC sets DVC_EXP_NAME and DVC_EXP_BASELINE_REV in every stage command of an experiment."""
+def dvc_experiment(root: Path | None = None) -> dict[str, str]:
+    """Where this run sits in DVC and git, as MLflow tags: inside `dvc exp run` (workspace, --temp or queued)
+    {"dvc_experiment": its name, "dvc_baseline_rev": the commit it started from} (DVC sets DVC_EXP_NAME and
+    DVC_EXP_BASELINE_REV in every stage command of an experiment); and always, when git can tell,
+    "params_modified": "true" if the workspace's params.yaml differs from its commit's (an experiment's
+    overrides, or uncommitted edits), else "false"."""
     found = {"dvc_experiment": os.environ.get("DVC_EXP_NAME", ""),
              "dvc_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", "")}
+    try:
+        here = workspace_root(root)
+        committed = subprocess.run(["git", "show", "HEAD:./params.yaml"], cwd=here, capture_output=True, timeout=10)
+        if committed.returncode == 0 and (here / "params.yaml").is_file():
+            found["params_modified"] = str(committed.stdout != (here / "params.yaml").read_bytes()).lower()
+    except (OSError, subprocess.SubprocessError):
+        pass
     return {k: v for k, v in found.items() if v}
 
 

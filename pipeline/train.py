@@ -117,7 +117,7 @@ def train(task_name: str, params: Params, *, data_root: Path = DATA_ROOT, models
         tags = {"task": task_name, "topology": task.topology, "git_commit": tracking.git_commit(root),
                 "dvc_stage": f"train@{task_name}", "devices": str(params.trainer.devices),
                 "num_nodes": str(params.trainer.num_nodes), "strategy": params.trainer.strategy,
-                **tracking.dvc_experiment()}  # dvc_experiment, dvc_baseline_rev inside `dvc exp run`
+                **tracking.dvc_experiment(root)}  # dvc_experiment, dvc_baseline_rev (in `dvc exp run`), params_modified
         logger = tracking.make_logger(params, task_name, tags, run_id=run_id, root=root)
     if logger is not None:
         trainer.logger = logger
