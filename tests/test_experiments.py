@@ -223,7 +223,8 @@ def test_workspace_experiment_shows_and_diffs(repo):
     assert diff["metrics/gesture.json"]["accuracy"] == {"old": old, "new": now, "diff": pytest.approx(now - old)}
     text = dvc(repo, "metrics", "diff", "--all")
     assert any("metrics/gesture.json" in line and "accuracy" in line for line in text.splitlines()), text
-    assert dvc_json(repo, "params", "diff")["params.yaml"]["gesture.train.max_epochs"] == {"old": 1, "new": 5}
+    changed = dvc_json(repo, "params", "diff")["params.yaml"]
+    assert changed["gesture.train.max_epochs"] == {"old": 1, "new": 5, "diff": 4}
     run = [r for r in runs(repo) if r.data.tags.get("dvc_experiment") == "five-epochs"]
     assert len(run) == 1 and run[0].data.tags["task"] == "gesture"
 
