@@ -130,7 +130,7 @@ def stages(root: Path = REPO) -> list:
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
-        return [(s.addressing, s.cmd, [Path(d.fs_path).relative_to(root) for d in s.deps]) for s in repo.index.stages]
+        return [(s.name, s.cmd, [Path(d.fs_path).relative_to(root) for d in s.deps]) for s in repo.index.stages]
 
 
 def entry_files(cmd: str) -> set[Path]:

@@ -206,8 +206,18 @@ def test_queued_experiments_run_one_task_into_the_project_store(repo):
     assert float(champion.tags["metric.accuracy"]) == best  # every move needed at least the champion's accuracy
 
     shown = dvc_json(repo, "exp", "show")
-    params = {float(key_metrics(shown, n)["metrics/gesture.json"]["accuracy"]) for n in ("lr-high", "lr-low")}
-    assert all(isinstance(v, float) for v in params)
+    for name in ("lr-high", "lr-low"):
+        assert isinstance(key_metrics(shown, name)["metrics/gesture.json"]["accuracy"], float), name
+
+    # `dvc plots diff` draws both experiments in each plot: the series by core or gate, the revisions by shape/dash
+    plots = dvc_json(repo, "plots", "diff", "lr-high", "lr-low")["data"]
+    for title, field in (("Long-range memory, test accuracy per gap (LSTM vs vanilla RNN)", "core"),
+                         ("gesture gate saturation", "gate"), ("gesture confusion (test gestures)", None)):
+        (plot,) = plots[title]
+        assert plot["type"] == "vega" and plot["revisions"] == ["lr-high", "lr-low"], title
+        if field is not None:
+            spec = json.dumps(plot["content"])
+            assert f'"color": {{"field": "{field}"' in spec and '{"field": "rev"' in spec, title
 
 
 def test_workspace_experiment_shows_and_diffs(repo):
