@@ -86,8 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         from pipeline.config import load_params
+        from pipeline.tracking import workspace_root
 
-        params = load_params(args.params)
+        # the default params.yaml is the workspace's, found from any folder inside the repo (as is its store)
+        params = load_params(workspace_root() / PARAMS_FILE if args.params == PARAMS_FILE else args.params)
         if args.stage == "prepare":
             from pipeline.prepare import prepare, summary
 

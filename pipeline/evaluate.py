@@ -1,11 +1,22 @@
-"""Stage `evaluate`: models/<task>/ + the held-out split -> metrics/<task>.json, plots/<task>/, samples/<task>/.
+"""Stage `evaluate`: models/<task>/ + the held-out split -> metrics, plot data, figures and samples.
 
     python -m pipeline evaluate <task>
 
-Runs on one device, so no sample counts twice. Metrics come from torchmetrics; every file holds
-a baseline for context and `key_metric` (with `higher_is_better`), the metric registration
-compares. The gate traces of the held-out inputs become saturation statistics and heat maps.
-Each topology has one evaluator below; the task registry says which a task uses.
+Runs on one device, so no sample counts twice. Metrics come from torchmetrics. What it writes:
+
+    metrics/<task>.json         numbers only, the task's key metric first (a DVC metric, kept in git):
+                                {"accuracy": .., "f1_macro": .., "baseline": {"accuracy": ..},
+                                 "long_memory_units": ..}
+    plots/<task>/               plot data (kept in git, so `dvc plots diff` compares experiments):
+                                saturation.json (a row per gate and unit), confusion.json (classifiers:
+                                an {"actual", "predicted"} row per test sample or step, DVC's
+                                `confusion` template)
+    figures/<task>/             pictures (DVC cache): gate_saturation.png, gate_heatmaps.png, confusion.png
+    samples/<task>/             evaluation.json (key metric name, direction, split, counts, the
+                                baseline's name, the trace check: what is not a metric) and samples
+
+The gate traces of the held-out inputs become saturation statistics and heat maps. Each
+topology has one evaluator below; the task registry says which a task uses.
 """
 
 from __future__ import annotations
@@ -25,6 +36,8 @@ from pipeline.tasks import Task, get_task
 
 DATA_ROOT, MODELS_ROOT = Path("data/prepared"), Path("models")
 METRICS_ROOT, PLOTS_ROOT, SAMPLES_ROOT = Path("metrics"), Path("plots"), Path("samples")
+FIGURES_ROOT = Path("figures")
+INFO_FILE = "evaluation.json"  # in samples/<task>/: what describes the metrics without being one
 TRACE_SAMPLES = 256  # held-out inputs whose gates feed the saturation statistics
 BATCH = 256
 
@@ -51,6 +64,7 @@ def _classes(model, dm, split, per_step: bool, out: Path) -> tuple[dict, dict]:
     k = len(labels)
     acc, f1 = MulticlassAccuracy(k, average="micro"), MulticlassF1Score(k, average="macro")
     confusion = MulticlassConfusionMatrix(k)
+    rows = []  # (actual, predicted) class ids, one per sample (or real step)
     for batch in _batches(dm, split):
         if per_step:
             logits = model(batch["x"], batch.get("lengths"))
@@ -64,10 +78,14 @@ def _classes(model, dm, split, per_step: bool, out: Path) -> tuple[dict, dict]:
             preds, target = logits.argmax(-1), batch["y"]
         for metric in (acc, f1, confusion):
             metric.update(preds.flatten(), target.flatten())
+        rows.append(torch.stack([target.flatten(), preds.flatten()], 1))
     train_y = _real_labels(dm.split("train"))
     majority = Counter(train_y.tolist()).most_common(1)[0][0]
     test_y = _real_labels(dm.split(split))
     _plot_confusion(confusion.compute().numpy(), labels, out / "confusion.png")
+    pairs = torch.cat(rows).tolist() if rows else []
+    (out / "confusion.json").write_text(json.dumps(
+        [{"actual": labels[a], "predicted": labels[p]} for a, p in pairs], separators=(",", ":")))
     metrics = {"accuracy": float(acc.compute()), "f1_macro": float(f1.compute())}
     baseline = {"name": "majority class", "accuracy": float((test_y == majority).mean())}
     return metrics, baseline
@@ -236,7 +254,7 @@ def _trace_and_labels(model, dm, split, task: Task):
 
 def evaluate(task_name: str, params: Params, *, data_root: Path = DATA_ROOT, models_root: Path = MODELS_ROOT,
              metrics_root: Path = METRICS_ROOT, plots_root: Path = PLOTS_ROOT, samples_root: Path = SAMPLES_ROOT,
-             track: bool = True, root: Path = Path(".")) -> str:
+             figures_root: Path = FIGURES_ROOT, track: bool = True, root: Path | None = None) -> str:
     from pipeline import gates
     from pipeline.datasets.datamodule import PreparedDataModule
     from pipeline.models.saved import load_trained
@@ -247,25 +265,31 @@ def evaluate(task_name: str, params: Params, *, data_root: Path = DATA_ROOT, mod
     dm = PreparedDataModule(data_root / task_name, cfg.train.batch_size, params.seed, cfg.train.block_size)
     split = "val" if task.topology == "char_lm" else "test"  # charlm's test text is its val text
     metrics_file = metrics_root / f"{task_name}.json"
-    plots_dir, samples_dir = plots_root / task_name, samples_root / task_name
-    # plots and samples swap in together, only once everything is computed; the metrics file last
-    with atomic_dir(plots_dir) as tmp_plots, atomic_dir(samples_dir) as tmp_samples:
+    plots_dir, figures_dir = plots_root / task_name, figures_root / task_name
+    samples_dir = samples_root / task_name
+    # plots, figures and samples swap in together, only once everything is computed; the metrics file last
+    with atomic_dir(plots_dir) as tmp_plots, atomic_dir(figures_dir) as tmp_figures, \
+            atomic_dir(samples_dir) as tmp_samples:
         with torch.no_grad():
             metrics, baseline = EVALUATORS[task.topology](model, dm, split, tmp_plots, tmp_samples)
         if task.key_metric not in metrics:
             raise PipelineError(f"{task_name}: the evaluator did not report the key metric {task.key_metric}")
+        for picture in tmp_plots.glob("*.png"):  # evaluators draw next to their data: pictures go to the cache
+            picture.replace(tmp_figures / picture.name)
         trace, labels = _trace_and_labels(model, dm, split, task)
         stats = gates.saturation(trace)
-        gates.plot_saturation(stats, tmp_plots / "gate_saturation.png")
-        gates.plot_heatmaps(trace, tmp_plots / "gate_heatmaps.png", batch_index=0, labels=labels)
+        gates.plot_saturation(stats, tmp_figures / "gate_saturation.png")
+        gates.plot_heatmaps(trace, tmp_figures / "gate_heatmaps.png", batch_index=0, labels=labels)
         (tmp_plots / "saturation.json").write_text(json.dumps(gates.saturation_plot_data(stats)))
         (tmp_samples / "gate_saturation.json").write_text(json.dumps(stats, indent=1))
-        result = {**{k: round(v, 6) for k, v in metrics.items()}, "key_metric": task.key_metric,
-                  "higher_is_better": task.higher_is_better, "split": split,
-                  "samples": int(len(next(iter(dm.split(split).values())))),
-                  "baseline": {k: (round(v, 6) if isinstance(v, float) else v) for k, v in baseline.items()},
-                  "long_memory_units": len(stats["summary"]["long_memory_units"]),
-                  "trace_reconstruction_error": float(trace.reconstruction_error)}
+        key_first = [task.key_metric, *(k for k in metrics if k != task.key_metric)]
+        result = {**{k: round(float(metrics[k]), 6) for k in key_first},
+                  "baseline": {k: round(float(v), 6) for k, v in baseline.items() if k != "name"},
+                  "long_memory_units": len(stats["summary"]["long_memory_units"])}
+        about = {"key_metric": task.key_metric, "higher_is_better": task.higher_is_better, "split": split,
+                 "samples": int(len(next(iter(dm.split(split).values())))), "baseline": baseline["name"],
+                 "trace_reconstruction_error": float(trace.reconstruction_error)}
+        (tmp_samples / INFO_FILE).write_text(json.dumps(about, indent=1) + "\n")
     metrics_root.mkdir(parents=True, exist_ok=True)
     tmp_metrics = metrics_file.with_suffix(".json.tmp")
     tmp_metrics.write_text(json.dumps(result, indent=1) + "\n")
@@ -274,7 +298,7 @@ def evaluate(task_name: str, params: Params, *, data_root: Path = DATA_ROOT, mod
         from pipeline import tracking
 
         tracking.log_evaluation(params, info["mlflow_run_id"], result,
-                                [metrics_file, plots_dir, samples_dir], root=root)
+                                [metrics_file, plots_dir, figures_dir, samples_dir], root=root)
     shown = ", ".join(f"{k} {result[k]:.4f}" for k in metrics)
     return f"{task_name}: {shown} (baseline {baseline['name']}: " + ", ".join(
-        f"{k} {v:.4f}" for k, v in baseline.items() if k != "name") + f") on {result['samples']} {split} samples"
+        f"{k} {v:.4f}" for k, v in baseline.items() if k != "name") + f") on {about['samples']} {split} samples"

@@ -50,7 +50,7 @@ from pipeline.lstm import GateLSTM, GateTrace, VanillaRNN
 matplotlib.use("Agg")
 
 __all__ = ["NUM_DISTRACTORS", "FORGET_BIAS", "CORES", "make_longrange", "LongRangeClassifier", "chrono_tmax",
-           "train_core", "accuracy", "run_longrange", "plot_accuracy", "plot_forget_gate"]
+           "train_core", "accuracy", "longrange_metrics", "run_longrange", "plot_accuracy", "plot_forget_gate"]
 
 NUM_DISTRACTORS = 8  # size of the distractor alphabet (ids vocab_size .. vocab_size + NUM_DISTRACTORS - 1)
 FORGET_BIAS = 1.0  # the classic LSTM forget-gate bias, used only when chrono init is off (chrono_tmax=None)
@@ -162,8 +162,20 @@ def accuracy(model: LongRangeClassifier, x: Tensor, y: Tensor, batch_size: int =
     return correct / len(y)
 
 
+def longrange_metrics(results: dict) -> dict:
+    """The numbers DVC shows (metrics.json): test accuracy per core and gap, the longest gap first,
+    e.g. {"lstm": {"gap_100": 0.98, "gap_50": ..}, "rnn": {..}, "chance": 0.125, "carrier_units": 3}.
+    The lists, losses, timings and probe details stay in results.json."""
+    per_core = {core: {f"gap_{g}": round(float(a), 6) for g, a in sorted(zip(results["gaps"], results[core]),
+                                                                        reverse=True)} for core in CORES}
+    return {**per_core, "chance": round(float(results["chance"]), 6),
+            "carrier_units": len(results.get("probe", {}).get("carrier_units", []))}
+
+
 def run_longrange(params: Params, out_dir: Path = Path("longrange")) -> str:
-    """Train LSTM and RNN on every gap; write results.json, accuracy.json/.png, forget_gate.png atomically.
+    """Train LSTM and RNN on every gap; write metrics.json (numbers for DVC), results.json (everything),
+    accuracy.json (a {"gap", "core", "accuracy"} row per gap and core: DVC plot data), accuracy.png and
+    forget_gate.png, all at once.
 
     Runs on one torch thread (the count is restored afterwards). Returns a one-line summary.
     """
@@ -213,6 +225,7 @@ def _run_longrange(params: Params, out_dir: Path) -> str:
 
     rows = [{"gap": g, "core": core, "accuracy": acc} for core in CORES for g, acc in zip(cfg.gaps, results[core])]
     with atomic_dir(out_dir) as tmp:
+        (tmp / "metrics.json").write_text(json.dumps(longrange_metrics(results), indent=1) + "\n")
         (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         (tmp / "accuracy.json").write_text(json.dumps(rows, indent=2) + "\n")
         plot_accuracy(results, tmp / "accuracy.png")

@@ -30,7 +30,7 @@ def is_better(new: float, old: float | None, higher_is_better: bool) -> bool:
 
 
 def register_task(task_name: str, params: Params, *, models_root: Path = MODELS_ROOT,
-                  metrics_root: Path = METRICS_ROOT, root: Path = Path(".")) -> dict:
+                  metrics_root: Path = METRICS_ROOT, root: Path | None = None) -> dict:
     from mlflow.tracking import MlflowClient
 
     from pipeline import tracking

@@ -2,9 +2,14 @@
 
 The tracking URI comes from params (`tracking.uri`, default sqlite:///mlflow.db: the registry
 needs a database) unless MLFLOW_TRACKING_URI is set. Relative sqlite paths and the artifact
-location are anchored at the repo root (where params.yaml lives), not at whatever directory a
-process started in, so `mlflow ui --backend-store-uri sqlite:///mlflow.db` from the repo root
-shows everything. Only global rank 0 ever talks to MLflow.
+location are anchored at the project root (`project_root()`), resolved at every run, not at
+whatever directory a process started in: from a subfolder of the repo, and from the temporary
+workspace DVC runs a queued or `--temp` experiment in (`<root>/.dvc/tmp/exps/...`), everything
+lands in `<root>/mlflow.db` and `<root>/mlruns/`, so `mlflow ui --backend-store-uri
+sqlite:///mlflow.db` from the repo root shows everything. A repo that was copied or moved
+carries a store whose locations name the old folder: the first run in the new place rewrites
+them (`relocate_store`), so it never writes into the original. Only global rank 0 ever talks to
+MLflow.
 """
 
 from __future__ import annotations
@@ -23,19 +28,125 @@ def is_global_zero() -> bool:
     return getattr(rank_zero_only, "rank", 0) == 0
 
 
-def tracking_uri(params: Params, root: Path = Path(".")) -> str:
+MARKERS = ("params.yaml", ".dvc")  # a folder holding either is a workspace root
+DVC_TEMP_WORKSPACES = (".dvc", "tmp", "exps")  # DVC 3 runs queued and --temp experiments in <root>/.dvc/tmp/exps/
+
+
+def workspace_root(start: Path | None = None) -> Path:
+    """The folder this process works in: the nearest folder, from `start` (default: the current one)
+    upwards, that holds params.yaml or .dvc/. For a queued experiment that is DVC's temporary copy;
+    without any such folder, `start` itself."""
+    here = Path(start if start is not None else Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if any((folder / marker).exists() for marker in MARKERS):
+            return folder
+    return here
+
+
+def project_root(start: Path | None = None) -> Path:
+    """The repository whose MLflow store a run belongs to: the workspace root, or for DVC's temporary
+    experiment workspaces (`<root>/.dvc/tmp/exps/<celery|tmp...>/<name>`) the `<root>` they were copied
+    from. DVC also exports that root to stage commands as DVC_ROOT; the path decides, since a queued
+    run's DVC_ROOT and a workspace run's are the same folder by construction."""
+    workspace = workspace_root(start)
+    parts, n = workspace.parts, len(DVC_TEMP_WORKSPACES)
+    for i in range(1, len(parts) - n + 1):  # the outermost .dvc/tmp/exps wins: a copy inside a copy is one repo
+        if parts[i : i + n] == DVC_TEMP_WORKSPACES:
+            return Path(*parts[:i])
+    return workspace
+
+
+def dvc_experiment(root: Path | None = None) -> dict[str, str]:
+    """Where this run sits in DVC and git, as MLflow tags: inside `dvc exp run` (workspace, --temp or queued)
+    {"dvc_experiment": its name, "dvc_baseline_rev": the commit it started from} (DVC sets DVC_EXP_NAME and
+    DVC_EXP_BASELINE_REV in every stage command of an experiment); and always, when git can tell,
+    "params_modified": "true" if the workspace's params.yaml differs from its commit's (an experiment's
+    overrides, or uncommitted edits), else "false"."""
+    found = {"dvc_experiment": os.environ.get("DVC_EXP_NAME", ""),
+             "dvc_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", "")}
+    try:
+        here = workspace_root(root)
+        committed = subprocess.run(["git", "show", "HEAD:./params.yaml"], cwd=here, capture_output=True, timeout=10)
+        if committed.returncode == 0 and (here / "params.yaml").is_file():
+            found["params_modified"] = str(committed.stdout != (here / "params.yaml").read_bytes()).lower()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {k: v for k, v in found.items() if v}
+
+
+def _root(root: Path | None) -> Path:
+    return project_root() if root is None else Path(root)
+
+
+def tracking_uri(params: Params, root: Path | None = None) -> str:
+    """The store's URI: MLFLOW_TRACKING_URI, else params' `tracking.uri`; relative paths under `root`
+    (default: project_root())."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or params.tracking.uri
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
-        uri = prefix + str((root / uri[len(prefix):]).resolve())
+        uri = prefix + str((_root(root) / uri[len(prefix):]).resolve())
     elif "://" not in uri:  # a plain folder: a file store
-        uri = str((root / uri).resolve())
+        uri = str((_root(root) / uri).resolve())
     return uri
 
 
-def artifact_location(params: Params, root: Path = Path(".")) -> str:
+def artifact_location(params: Params, root: Path | None = None) -> str:
+    """Where new experiments keep artifacts: params' `tracking.artifact_location`, relative to `root`."""
     location = params.tracking.artifact_location
-    return location if "://" in location else str((root / location).resolve())
+    return location if "://" in location else str((_root(root) / location).resolve())
+
+
+def _local_path(location: str) -> str | None:
+    """The folder of a local artifact location ('/a/b' or 'file:///a/b'); None for remote ones."""
+    if location.startswith("file://"):
+        return location[len("file://"):]
+    return location if location.startswith("/") else None
+
+
+def relocate_store(params: Params, root: Path | None = None) -> str | None:
+    """Make a copied or moved repo's store point into itself; the old root when it rewrote anything.
+
+    MLflow keeps the experiment's artifact location, every run's artifact URI and every model's
+    storage location as absolute paths fixed when they were made. When the store is this
+    project's own sqlite file (default params) and the experiment's local artifact location is
+    `<old>/<artifact_location>` for another folder <old>, every text value in the database that
+    starts with `<old>/` (or `file://<old>/`) is rewritten to start with `<root>/`: the repo
+    moved, and the paths inside it move with it. A local location outside the project that is
+    not of that form is refused in one line rather than written to.
+    """
+    import sqlite3
+
+    root = _root(root).resolve()
+    uri, rel = tracking_uri(params, root), params.tracking.artifact_location
+    db = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+    if db is None or "://" in rel or Path(rel).is_absolute() or not db.is_file() or not db.is_relative_to(root):
+        return None  # not this project's own store with a project-relative artifact location
+    with sqlite3.connect(db, timeout=30) as con:
+        try:
+            row = con.execute("SELECT artifact_location FROM experiments WHERE name = ?",
+                              (params.tracking.experiment,)).fetchone()
+        except sqlite3.Error:  # not initialised yet: MLflow creates the tables on first use
+            return None
+        local = _local_path(row[0]) if row and row[0] else None
+        if local is None or Path(local).is_relative_to(root):
+            return None
+        suffix = "/" + Path(rel).as_posix().strip("/")
+        if not local.endswith(suffix):
+            raise PipelineError(f"MLflow experiment {params.tracking.experiment!r} keeps its artifacts in {local}, "
+                                f"outside this project {root}; set tracking.artifact_location or move them")
+        old = local[: -len(suffix)]
+        tables = [t for (t,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        for table in tables:
+            columns = [c[1] for c in con.execute(f'PRAGMA table_info("{table}")')
+                       if any(k in (c[2] or "").upper() for k in ("CHAR", "TEXT", "CLOB"))]
+            for column in columns:
+                for before, after in ((f"file://{old}/", f"file://{root}/"), (f"{old}/", f"{root}/")):
+                    con.execute(f'UPDATE "{table}" SET "{column}" = ? || substr("{column}", ?) '
+                                f'WHERE substr("{column}", 1, ?) = ?',
+                                (after, len(before) + 1, len(before), before))
+                con.execute(f'UPDATE "{table}" SET "{column}" = ? WHERE "{column}" IN (?, ?)',
+                            (f"{root}{suffix}", local, f"file://{local}"))
+    return old
 
 
 @contextmanager
@@ -71,11 +182,13 @@ def mlflow_uri(uri: str):
             os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
-def experiment_id(params: Params, root: Path = Path(".")) -> str:
-    """The project's experiment (created on first use); a clear error if the store is unusable."""
+def experiment_id(params: Params, root: Path | None = None) -> str:
+    """The project's experiment (created on first use, relocated if the repo moved); a clear error if the
+    store is unusable."""
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri(params, root)
+    relocate_store(params, root)
     try:
         with _fail_fast():
             client = MlflowClient(uri)
@@ -87,9 +200,9 @@ def experiment_id(params: Params, root: Path = Path(".")) -> str:
         raise PipelineError(f"MLflow tracking store {uri} is unreachable or unwritable: {first_line(err)}") from None
 
 
-def git_commit(root: Path = Path(".")) -> str:
+def git_commit(root: Path | None = None) -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=workspace_root(root), capture_output=True, text=True,
                               timeout=10).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -113,7 +226,7 @@ def flush() -> None:
     mlflow.flush_async_logging()
 
 
-def make_logger(params: Params, task: str, tags: dict, run_id: str | None = None, root: Path = Path(".")):
+def make_logger(params: Params, task: str, tags: dict, run_id: str | None = None, root: Path | None = None):
     """Lightning's MLFlowLogger for one training run of `task` (resumed when run_id is given)."""
     from lightning.pytorch.loggers import MLFlowLogger
 
@@ -127,7 +240,7 @@ def make_logger(params: Params, task: str, tags: dict, run_id: str | None = None
     return logger
 
 
-def log_evaluation(params: Params, run_id: str, metrics: dict, paths: list[Path], root: Path = Path(".")) -> None:
+def log_evaluation(params: Params, run_id: str, metrics: dict, paths: list[Path], root: Path | None = None) -> None:
     """Evaluation results into the training run: test metrics and every file it wrote."""
     import time
 
@@ -195,7 +308,7 @@ def _signature_and_example(model_dir: Path):
     return None, get_task(info["task"]).data_module.example()
 
 
-def log_and_register(params: Params, name: str, model_dir: Path, run_id: str, root: Path = Path(".")) -> str:
+def log_and_register(params: Params, name: str, model_dir: Path, run_id: str, root: Path | None = None) -> str:
     """Log models/<name>/ into its run as a pyfunc (models from code) and register it; the version."""
     import tempfile
 

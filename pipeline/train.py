@@ -226,7 +226,7 @@ def skip_logged_steps(logger) -> None:
 
 
 def train(task_name: str, params: Params, *, data_root: Path = DATA_ROOT, models_root: Path = MODELS_ROOT,
-          ckpt_root: Path = CKPT_ROOT, track: bool = True, root: Path = Path("."), callbacks=()) -> str:
+          ckpt_root: Path = CKPT_ROOT, track: bool = True, root: Path | None = None, callbacks=()) -> str:
     task, cfg = get_task(task_name), params.task(task_name)
     data_dir, out_dir, ckpt_dir = data_root / task_name, models_root / task_name, ckpt_root / task_name
     if task_name not in params.tasks:
@@ -258,7 +258,8 @@ def train(task_name: str, params: Params, *, data_root: Path = DATA_ROOT, models
     if track and zero:
         tags = {"task": task_name, "topology": task.topology, "git_commit": tracking.git_commit(root),
                 "dvc_stage": f"train@{task_name}", "devices": str(params.trainer.devices),
-                "num_nodes": str(params.trainer.num_nodes), "strategy": params.trainer.strategy}
+                "num_nodes": str(params.trainer.num_nodes), "strategy": params.trainer.strategy,
+                **tracking.dvc_experiment(root)}  # dvc_experiment, dvc_baseline_rev (in `dvc exp run`), params_modified
         logger = tracking.make_logger(params, task_name, tags, run_id=saved.get("run_id"), root=root)
     if logger is not None:
         trainer.logger = logger
@@ -291,7 +292,7 @@ def train(task_name: str, params: Params, *, data_root: Path = DATA_ROOT, models
 
 
 def publish(task_name: str, params: Params, model, dm, ckpt_dir: Path, out_dir: Path, best_key: str, stamp: str,
-            run_id: str | None, world_size: int, root: Path, again: bool = False) -> str:
+            run_id: str | None, world_size: int, root: Path | None, again: bool = False) -> str:
     """models/<task>/ from the checkpoints: the best epoch's weights; the last epoch's counters."""
     import torch
 

@@ -25,6 +25,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.tasks import get_task
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: python, dvc (not resolved: a venv's python is a link)
 TASKS = ["digits", "melody", "sentiment", "gesture", "translation", "activity", "charlm"]
@@ -145,9 +147,10 @@ def test_first_repro_builds_every_output(built):
         assert (repo / "data" / "prepared" / task / "manifest.json").is_file()
         assert (repo / "models" / task / "weights.safetensors").is_file()
         metrics = json.loads((repo / "metrics" / f"{task}.json").read_text())
-        assert metrics["key_metric"] in metrics, task
+        about = json.loads((repo / "samples" / task / "evaluation.json").read_text())
+        assert next(iter(metrics)) == about["key_metric"] == get_task(task).key_metric, task  # the key metric first
         for png in ("gate_saturation.png", "gate_heatmaps.png"):
-            assert (repo / "plots" / task / png).stat().st_size > 0, (task, png)
+            assert (repo / "figures" / task / png).stat().st_size > 0, (task, png)
         assert (repo / "plots" / task / "saturation.json").is_file()
         receipt = json.loads((repo / "registry" / f"{task}.json").read_text())
         assert receipt["name"] == task and receipt["version"] == 1 and receipt["alias"] == "champion"
@@ -209,7 +212,7 @@ def test_metrics_and_plots_show(built, tmp_path):
     shown = sh([str(BIN / "dvc"), "metrics", "show"], repo, env).stdout
     for task in TASKS:
         assert f"metrics/{task}.json" in shown, shown[-3000:]
-    assert "longrange/results.json" in shown
+    assert "longrange/metrics.json" in shown
     sh([str(BIN / "dvc"), "plots", "show", "-o", str(tmp_path / "plots")], repo, env)
     TIMES["metrics show + plots show"] = time.perf_counter() - started
     page = (tmp_path / "plots" / "index.html").read_text()

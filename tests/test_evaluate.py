@@ -49,7 +49,7 @@ def trained(tmp_path_factory):
 
 def outputs(tmp_path: Path) -> dict:
     return {"metrics_root": tmp_path / "metrics", "plots_root": tmp_path / "plots",
-            "samples_root": tmp_path / "samples"}
+            "samples_root": tmp_path / "samples", "figures_root": tmp_path / "figures"}
 
 
 def run_evaluate(trained, task: str, tmp_path: Path) -> str:
@@ -97,6 +97,9 @@ def test_classify_metrics_from_fixed_logits(tmp_path, monkeypatch):
     assert metrics["f1_macro"] == pytest.approx((1 / 2 + 4 / 5 + 2 / 3) / 3)
     assert baseline == {"name": "majority class", "accuracy": pytest.approx(2 / 6)}  # train majority: c
     assert is_png(tmp_path / "out" / "confusion.png")
+    # DVC's confusion template counts rows: one (actual, predicted) row per test sample, in label names
+    rows = json.loads((tmp_path / "out" / "confusion.json").read_text())
+    assert rows == [{"actual": "abc"[t], "predicted": "abc"[p]} for t, p in zip(target, preds)]
 
 
 def test_per_step_metrics_skip_padding(tmp_path, monkeypatch):
@@ -118,6 +121,8 @@ def test_per_step_metrics_skip_padding(tmp_path, monkeypatch):
     assert metrics["accuracy"] == pytest.approx(4 / 6)
     assert metrics["f1_macro"] == pytest.approx((1 + 2 / 3 + 1 / 2) / 3)
     assert baseline["accuracy"] == pytest.approx(3 / 6)  # b on the real test steps
+    rows = json.loads((tmp_path / "out" / "confusion.json").read_text())  # real steps only: no padding rows
+    assert [(r["actual"], r["predicted"]) for r in rows] == list(zip("bcbabc", "bccabb"))
 
 
 class ScriptedTranslator:
@@ -167,7 +172,8 @@ def test_translate_exact_match_and_bleu_on_scripted_outputs(trained, tmp_path, m
 
 
 def check_gate_files(plots: Path, samples: Path, model) -> None:
-    assert is_png(plots / "gate_saturation.png") and is_png(plots / "gate_heatmaps.png")
+    figures = plots.parent.parent / "figures" / plots.name
+    assert is_png(figures / "gate_saturation.png") and is_png(figures / "gate_heatmaps.png")
     rows = json.loads((plots / "saturation.json").read_text())
     lstm = model.lstm
     assert len(rows) == len(gates.SATURATION_GATES) * lstm.num_layers * lstm.hidden_size
@@ -196,17 +202,23 @@ def test_evaluate_writes_metrics_plots_and_samples(trained, task, tmp_path):
     assert line.startswith(f"{task}: ") and "\n" not in line
     info = get_task(task)
     result = json.loads((tmp_path / "metrics" / f"{task}.json").read_text())
-    assert result["key_metric"] == info.key_metric and result["higher_is_better"] == info.higher_is_better
-    assert isinstance(result["baseline"], dict) and result["baseline"]["name"]
-    assert result["trace_reconstruction_error"] < 1e-4
     plots, samples = tmp_path / "plots" / task, tmp_path / "samples" / task
+    about = json.loads((samples / "evaluation.json").read_text())
+    # the metrics file holds numbers only (what DVC shows and diffs), the key metric first
+    numbers = [v for b in (result, result["baseline"]) for v in b.values() if not isinstance(v, dict)]
+    assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers), result
+    assert next(iter(result)) == info.key_metric and result["baseline"]
+    assert about["key_metric"] == info.key_metric and about["higher_is_better"] == info.higher_is_better
+    assert about["baseline"] and about["trace_reconstruction_error"] < 1e-4
+    assert sorted(p.name for p in plots.iterdir()) == (["confusion.json", "saturation.json"] if task == "digits"
+                                                      else ["saturation.json"])  # data only: pictures in figures/
     model, _ = load_trained(trained.models / task)
     check_gate_files(plots, samples, model)
     dm = PreparedDataModule(trained.data / task, 32, seed=0, block_size=32)
     counts = load_manifest(trained.data / task)["counts"]
 
     if task == "digits":
-        assert result["split"] == "test" and result["samples"] == counts["test"]
+        assert about["split"] == "test" and about["samples"] == counts["test"]
         test, train_y = dm.split("test"), dm.split("train")["y"]
         with torch.no_grad():
             pred = model(torch.from_numpy(test["x"])).argmax(-1).numpy()
@@ -214,9 +226,13 @@ def test_evaluate_writes_metrics_plots_and_samples(trained, task, tmp_path):
         assert result["f1_macro"] == pytest.approx(macro_f1(pred, test["y"], 10), abs=1e-6)
         majority = np.bincount(train_y).argmax()
         assert result["baseline"]["accuracy"] == pytest.approx((test["y"] == majority).mean(), abs=1e-6)
-        assert is_png(plots / "confusion.png")
+        assert is_png(tmp_path / "figures" / task / "confusion.png")
+        confusion = json.loads((plots / "confusion.json").read_text())
+        labels = dm.vocab["labels"]
+        assert [(r["actual"], r["predicted"]) for r in confusion] == [(labels[t], labels[p])
+                                                                       for t, p in zip(test["y"], pred)]
     elif task == "translation":
-        assert result["split"] == "test" and result["samples"] == counts["test"] <= 200
+        assert about["split"] == "test" and about["samples"] == counts["test"] <= 200
         assert 0.0 <= result["bleu"] <= 1.0
         rows = read_tsv(samples / "translations.tsv")[1:]
         assert len(rows) == counts["test"]
@@ -224,7 +240,7 @@ def test_evaluate_writes_metrics_plots_and_samples(trained, task, tmp_path):
         assert result["exact_match"] == pytest.approx(np.mean([m == "True" for *_, m in rows]), abs=1e-6)
     else:
         val = dm.split("val")
-        assert result["split"] == "val" and result["samples"] == len(val["x"]) == (counts["val"] - 1) // 32
+        assert about["split"] == "val" and about["samples"] == len(val["x"]) == (counts["val"] - 1) // 32
         with torch.no_grad():
             logits, _ = model(torch.from_numpy(val["x"]))
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), torch.from_numpy(val["y"]).reshape(-1))
@@ -256,7 +272,7 @@ def test_failed_evaluation_leaves_nothing(trained, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="simulated"):
         run_evaluate(trained, "digits", tmp_path)
     assert not (tmp_path / "metrics" / "digits.json").exists()
-    for root in ("plots", "samples"):  # not even a temporary folder
+    for root in ("plots", "figures", "samples"):  # not even a temporary folder
         assert not (tmp_path / root).exists() or list((tmp_path / root).iterdir()) == []
     assert not (tmp_path / "metrics").exists() or list((tmp_path / "metrics").iterdir()) == []
 

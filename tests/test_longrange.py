@@ -19,7 +19,7 @@ from pipeline.longrange import (
 from pipeline.lstm import GateLSTM, VanillaRNN
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-FILES = {"results.json", "accuracy.json", "accuracy.png", "forget_gate.png"}
+FILES = {"metrics.json", "results.json", "accuracy.json", "accuracy.png", "forget_gate.png"}
 
 
 def test_generator_layout():
@@ -115,6 +115,11 @@ def test_tiny_run_writes_every_file(tmp_path):
     assert len(results["timings"]["lstm"]) == 2 and results["timings"]["total_s"] > 0
     assert results["probe"]["gap"] == 4 and results["probe"]["carrier_units"]
     assert results["probe"]["reconstruction_error"] < 1e-4
+    metrics = json.loads((out / "metrics.json").read_text())  # numbers only, as DVC shows them
+    assert list(metrics["lstm"]) == ["gap_4", "gap_2"] and metrics["carrier_units"] >= 1
+    for core in ("lstm", "rnn"):
+        assert [metrics[core][f"gap_{g}"] for g in (2, 4)] == pytest.approx(results[core], abs=1e-6)
+    assert metrics["chance"] == pytest.approx(1 / 3, abs=1e-6)
     rows = json.loads((out / "accuracy.json").read_text())
     assert len(rows) == 4 and set(rows[0]) == {"gap", "core", "accuracy"}
     assert {(r["gap"], r["core"]) for r in rows} == {(2, "lstm"), (4, "lstm"), (2, "rnn"), (4, "rnn")}

@@ -68,7 +68,7 @@ def store(tmp_path_factory):
             prepare(task, params, ns.data)
             train(task, params, data_root=ns.data, models_root=ns.models, ckpt_root=tmp / "ckpt", root=REPO)
             evaluate(task, params, data_root=ns.data, models_root=ns.models, metrics_root=ns.metrics,
-                     plots_root=tmp / "plots", samples_root=tmp / "samples", root=REPO)
+                     plots_root=tmp / "plots", samples_root=tmp / "samples", figures_root=tmp / "figures", root=REPO)
         yield ns
     torch.set_num_threads(threads)
 
@@ -134,13 +134,14 @@ def test_training_run_holds_params_metrics_tags_and_evaluation(store, task):
     numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     assert {k: run.data.metrics[f"test_{k}"] for k in numbers} == pytest.approx(numbers)
     top = {a.path for a in c.list_artifacts(run.info.run_id, "evaluation")}
-    assert top == {f"evaluation/{task}.json", "evaluation/plots", "evaluation/samples"}
+    assert top == {f"evaluation/{task}.json", "evaluation/plots", "evaluation/figures", "evaluation/samples"}
     plots = {Path(a.path).name for a in c.list_artifacts(run.info.run_id, "evaluation/plots")}
+    figures = {Path(a.path).name for a in c.list_artifacts(run.info.run_id, "evaluation/figures")}
     samples = {Path(a.path).name for a in c.list_artifacts(run.info.run_id, "evaluation/samples")}
-    assert {"gate_saturation.png", "gate_heatmaps.png", "saturation.json"} <= plots
-    assert "gate_saturation.json" in samples
+    assert {"gate_saturation.png", "gate_heatmaps.png"} <= figures and "saturation.json" in plots
+    assert {"gate_saturation.json", "evaluation.json"} <= samples
     if task == "digits":
-        assert "confusion.png" in plots
+        assert "confusion.png" in figures and "confusion.json" in plots
     else:
         assert {"translation": "translations.tsv", "charlm": "samples.txt"}[task] in samples
     import mlflow
@@ -170,7 +171,8 @@ def retrain(store, task: str, name: str, lr: float, key_value: float) -> SimpleN
     train(task, params, data_root=store.data, models_root=out.models, ckpt_root=store.tmp / f"ckpt_{name}",
           root=REPO)
     evaluate(task, params, data_root=store.data, models_root=out.models, metrics_root=out.metrics,
-             plots_root=store.tmp / f"plots_{name}", samples_root=store.tmp / f"samples_{name}", track=False)
+             plots_root=store.tmp / f"plots_{name}", samples_root=store.tmp / f"samples_{name}",
+             figures_root=store.tmp / f"figures_{name}", track=False)
     path = out.metrics / f"{task}.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), get_task(task).key_metric: key_value}))
     out.run_id = info(out.models, task)["mlflow_run_id"]
