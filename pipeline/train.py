@@ -114,15 +114,13 @@ def train(task_name: str, params: Params, *, data_root: Path = DATA_ROOT, models
                              train=cfg.train.model_dump())
     logger = None
     if track and zero:
-        tags = {"task": task_name, "topology": task.topology, "git_commit": tracking.git_commit(root),
-                "dvc_stage": f"train@{task_name}", "devices": str(params.trainer.devices),
-                "num_nodes": str(params.trainer.num_nodes), "strategy": params.trainer.strategy}
+        tags = tracking.run_tags(params, task_name, task.topology, root)
         logger = tracking.make_logger(params, task_name, tags, run_id=run_id, root=root)
     if logger is not None:
         trainer.logger = logger
-        logger.log_hyperparams(tracking.flatten({"seed": params.seed, "trainer": params.trainer.model_dump(),
-                                                 **{task_name: cfg.model_dump(mode="json")}}))
+        logger.log_hyperparams(tracking.task_params(params, task_name))
         logger.experiment.set_tag(logger.run_id, "world_size", str(trainer.world_size))
+        tracking.log_dataset(logger.experiment, logger.run_id, task_name, data_dir)
         (ckpt_dir / "resume.json").write_text(json.dumps({"fingerprint": stamp, "run_id": logger.run_id}))
     elif zero:
         (ckpt_dir / "resume.json").write_text(json.dumps({"fingerprint": stamp, "run_id": None}))
