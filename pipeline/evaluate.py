@@ -263,7 +263,7 @@ def evaluate(task_name: str, params: Params, *, data_root: Path = DATA_ROOT, mod
     model, info = load_trained(models_root / task_name)
     torch.manual_seed(params.seed)
     dm = PreparedDataModule(data_root / task_name, cfg.train.batch_size, params.seed, cfg.train.block_size)
-    split = "val" if task.topology == "char_lm" else "test"  # charlm's test text is its val text
+    split = task.eval_split
     metrics_file = metrics_root / f"{task_name}.json"
     plots_dir, figures_dir = plots_root / task_name, figures_root / task_name
     samples_dir = samples_root / task_name
@@ -298,7 +298,7 @@ def evaluate(task_name: str, params: Params, *, data_root: Path = DATA_ROOT, mod
         from pipeline import tracking
 
         tracking.log_evaluation(params, info["mlflow_run_id"], result,
-                                [metrics_file, plots_dir, figures_dir, samples_dir], root=root)
+                                [metrics_file, plots_dir, figures_dir, samples_dir], root=root, split=split)
     shown = ", ".join(f"{k} {result[k]:.4f}" for k in metrics)
     return f"{task_name}: {shown} (baseline {baseline['name']}: " + ", ".join(
         f"{k} {v:.4f}" for k, v in baseline.items() if k != "name") + f") on {about['samples']} {split} samples"

@@ -67,22 +67,60 @@ def register_task(task_name: str, params: Params, *, models_root: Path = MODELS_
         move = champion is None or current or is_better(new_value, old_value, task.higher_is_better)
         if move:
             client.set_registered_model_alias(task_name, ALIAS, str(version))
+        if champion is None:
+            why = "first version"
+        elif current:
+            why = "already champion"
+        else:
+            why = (f"{key} {new_value:.4f} {'>=' if task.higher_is_better else '<='} champion v{champion.version}'s "
+                   f"{old_value}" if move else f"{key} {new_value:.4f} is worse than champion v{champion.version}'s "
+                   f"{old_value:.4f}")
+        if made_here or (move and not current):  # an older version's description keeps its own reason
+            describe_version(client, task_name, str(version), run_id, metrics, why, champion=move)
+        describe_model(client, task_name, run_id)
     except BaseException:
-        if made_here:  # no half-made version: its tags or the alias failed
+        if made_here:  # no half-made version: its tags, the alias or the descriptions failed
             client.delete_model_version(task_name, str(version))
         raise
-    if champion is None:
-        why = "first version"
-    elif current:
-        why = "already champion"
-    else:
-        why = (f"{key} {new_value:.4f} {'>=' if task.higher_is_better else '<='} champion v{champion.version}'s "
-               f"{old_value}" if move else f"{key} {new_value:.4f} is worse than champion v{champion.version}'s "
-               f"{old_value:.4f}")
     return {"name": task_name, "version": int(version), "run_id": run_id, "key_metric": key, "value": new_value,
             "alias": ALIAS, "alias_moved": bool(move and not current),
             "champion_version": int(version) if move else int(champion.version), "why": why,
             "new_version": made_here}
+
+
+def describe_model(client, task_name: str, run_id: str) -> None:
+    """The registered model's description: task, topology, the data it learns from (the training run's input
+    dataset), and how the champion is chosen."""
+    task = get_task(task_name)
+    data = ""
+    run = client.get_run(run_id)
+    for dataset_input in run.inputs.dataset_inputs if run.inputs else []:
+        try:
+            what = json.loads(dataset_input.dataset.source).get("tags", {}).get("what")
+        except (ValueError, AttributeError):
+            what = None
+        if what:
+            data = f", trained on {what.rstrip('.')}"
+    client.update_registered_model(task_name, description=(
+        f"Task `{task_name}`: a {task.topology} model on GateLSTM{data}. One version per training run, "
+        f"registered by the `register` stage; the alias `{ALIAS}` marks the best {task.key_metric} on the "
+        f"{task.eval_split} split ({'higher' if task.higher_is_better else 'lower'} is better). Each version's "
+        "description says why the champion moved to it or stayed."))
+
+
+def describe_version(client, task_name: str, version: str, run_id: str, metrics: dict, why: str,
+                     champion: bool) -> None:
+    """A version's description: its run, its key metric on the evaluation split, and why `champion` moved to
+    it (champion=True) or stayed where it was."""
+    task = get_task(task_name)
+    key, split = task.key_metric, task.eval_split
+    samples = metrics.get("samples")
+    on = f"{samples} {split} samples" if isinstance(samples, int) else f"the {split} split"
+    verdict = f"became `{ALIAS}` ({why})" if champion else f"left `{ALIAS}` where it was ({why})"
+    run_name = client.get_run(run_id).info.run_name
+    client.update_model_version(task_name, version, description=(
+        f"{task_name} ({task.topology}) from run {run_name} ({run_id}): {key} {float(metrics[key]):.4f} on {on} "
+        f"({'higher' if task.higher_is_better else 'lower'} is better). At registration it {verdict}."))
 
 
 def register_all(params: Params, *, registry_root: Path = REGISTRY_ROOT, **kwargs) -> str:

@@ -11,6 +11,11 @@ from dataclasses import dataclass
 
 from pipeline.config import TASKS, ConfigError
 
+# The model/train settings only some tasks read (params.yaml has them in every task's section); each Task
+# lists those it reads in `uses`. Every other setting is read by every task.
+OPTIONAL_SETTINGS = frozenset({"model.embedding_dim", "model.attention", "model.frame_stride", "train.block_size",
+                               "train.augment_shift"})
+
 
 @dataclass(frozen=True)
 class Task:
@@ -19,6 +24,18 @@ class Task:
     model: str  # "module:Class" under pipeline.models
     key_metric: str
     higher_is_better: bool
+    uses: tuple[str, ...] = ()  # the OPTIONAL_SETTINGS this task's model and data module read
+
+    @property
+    def eval_split(self) -> str:
+        """The held-out split evaluation reports on: the char LM's text has no test part, so val."""
+        return "val" if self.topology == "char_lm" else "test"
+
+    def own_params(self, section: dict) -> dict:
+        """The task's params.yaml section ({"data", "model", "train"}) without the settings it never reads."""
+        unused = OPTIONAL_SETTINGS - set(self.uses)
+        return {group: ({k: v for k, v in values.items() if f"{group}.{k}" not in unused}
+                        if isinstance(values, dict) else values) for group, values in section.items()}
 
     @property
     def data_module(self):
@@ -34,13 +51,14 @@ class Task:
 REGISTRY: dict[str, Task] = {
     t.name: t
     for t in (
-        Task("digits", "one_to_one", "one_to_one:OneToOne", "accuracy", True),
-        Task("melody", "one_to_many", "one_to_many:OneToMany", "nll", False),
-        Task("sentiment", "many_to_one", "many_to_one:ManyToOne", "accuracy", True),
-        Task("gesture", "many_to_one", "many_to_one:ManyToOne", "accuracy", True),
-        Task("translation", "seq2seq", "seq2seq:Seq2Seq", "exact_match", True),
+        Task("digits", "one_to_one", "one_to_one:OneToOne", "accuracy", True, ("train.augment_shift",)),
+        Task("melody", "one_to_many", "one_to_many:OneToMany", "nll", False, ("model.embedding_dim",)),
+        Task("sentiment", "many_to_one", "many_to_one:ManyToOne", "accuracy", True, ("model.embedding_dim",)),
+        Task("gesture", "many_to_one", "many_to_one:ManyToOne", "accuracy", True, ("model.frame_stride",)),
+        Task("translation", "seq2seq", "seq2seq:Seq2Seq", "exact_match", True,
+             ("model.embedding_dim", "model.attention")),
         Task("activity", "many_to_many", "many_to_many:ManyToMany", "accuracy", True),
-        Task("charlm", "char_lm", "char_lm:CharLM", "loss", False),
+        Task("charlm", "char_lm", "char_lm:CharLM", "loss", False, ("model.embedding_dim", "train.block_size")),
     )
 }
 assert tuple(REGISTRY) == TASKS

@@ -256,19 +256,17 @@ def train(task_name: str, params: Params, *, data_root: Path = DATA_ROOT, models
                        saved.get("run_id"), saved.get("world_size", trainer.world_size), root, again=True)
     logger = None
     if track and zero:
-        tags = {"task": task_name, "topology": task.topology, "git_commit": tracking.git_commit(root),
-                "dvc_stage": f"train@{task_name}", "devices": str(params.trainer.devices),
-                "num_nodes": str(params.trainer.num_nodes), "strategy": params.trainer.strategy,
-                **tracking.dvc_experiment(root)}  # dvc_experiment, dvc_baseline_rev (in `dvc exp run`), params_modified
+        tags = tracking.run_tags(params, task_name, task.topology, root)
         logger = tracking.make_logger(params, task_name, tags, run_id=saved.get("run_id"), root=root)
     if logger is not None:
         trainer.logger = logger
         if saved.get("run_id"):
             set_run_status(logger, "RUNNING")
             skip_logged_steps(logger)
-        logger.log_hyperparams(tracking.flatten({"seed": params.seed, "trainer": params.trainer.model_dump(),
-                                                 **{task_name: cfg.model_dump(mode="json")}}))
+        logger.log_hyperparams(tracking.task_params(params, task_name))
         logger.experiment.set_tag(logger.run_id, "world_size", str(trainer.world_size))
+        if not saved.get("run_id"):  # a resumed run has its dataset already
+            tracking.log_dataset(logger.experiment, logger.run_id, task_name, data_dir)
     run_id = logger.run_id if logger is not None else None
     if zero:
         _write_resume(ckpt_dir, {"fingerprint": stamp, "run_id": run_id})

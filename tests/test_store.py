@@ -41,25 +41,6 @@ def test_project_root_from_subfolders_and_dvc_temp_workspaces(tmp_path, monkeypa
     assert tracking.project_root(outside) == outside  # no repo above: the folder itself
 
 
-def test_dvc_experiment_reads_what_dvc_sets_and_whether_params_differ(tmp_path, monkeypatch):
-    import subprocess
-
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "-c", "commit.gpgsign=false"]
-    for var in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
-        monkeypatch.delenv(var, raising=False)
-    root = make_repo(tmp_path / "repo")
-    assert tracking.dvc_experiment(root) == {}  # not a git repository: nothing to say
-    subprocess.run(["git", "init", "-q", str(root)], check=True)
-    subprocess.run([*git, "add", "-A"], cwd=root, check=True)
-    subprocess.run([*git, "commit", "-q", "-m", "c"], cwd=root, check=True)
-    assert tracking.dvc_experiment(root) == {"params_modified": "false"}
-    (root / "params.yaml").write_text("seed: 2\n")
-    monkeypatch.setenv("DVC_EXP_NAME", "lr-high")
-    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "a" * 40)
-    assert tracking.dvc_experiment(root) == {"dvc_experiment": "lr-high", "dvc_baseline_rev": "a" * 40,
-                                             "params_modified": "true"}
-
-
 def test_a_copied_store_is_relocated_into_the_copy(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 

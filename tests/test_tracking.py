@@ -64,9 +64,12 @@ def store(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         no_env_uri(mp)
         torch.set_num_threads(1)  # other processes share these 2 cores: one thread avoids the stalls
+        ns.trained = {}  # task -> (run info right after training, time evaluation began)
         for task in TASKS:
             prepare(task, params, ns.data)
             train(task, params, data_root=ns.data, models_root=ns.models, ckpt_root=tmp / "ckpt", root=REPO)
+            run_id = info(ns.models, task)["mlflow_run_id"]
+            ns.trained[task] = (client(ns).get_run(run_id).info, int(time.time() * 1000))
             evaluate(task, params, data_root=ns.data, models_root=ns.models, metrics_root=ns.metrics,
                      plots_root=tmp / "plots", samples_root=tmp / "samples", figures_root=tmp / "figures", root=REPO)
         yield ns
@@ -126,13 +129,25 @@ def test_training_run_holds_params_metrics_tags_and_evaluation(store, task):
 
     tags = run.data.tags
     assert tags["task"] == task and tags["topology"] == get_task(task).topology
-    assert tags["dvc_stage"] == f"train@{task}" and tags["mlflow.runName"] == task
-    assert re.fullmatch(r"[0-9a-f]{40}", tags["git_commit"])
+    assert tags["dvc_stage"] == f"train@{task}"
+    assert re.fullmatch(rf"{task}-20\d{{6}}-\d{{6}}", tags["mlflow.runName"])  # task and start time: runs differ
+    assert "dvc_experiment" not in tags  # not run by `dvc exp run`
+    assert re.fullmatch(r"[0-9a-f]{40}", tags["git_commit"]) and tags["mlflow.source.git.commit"] == tags["git_commit"]
     subprocess.run(["git", "cat-file", "-e", f"{tags['git_commit']}^{{commit}}"], cwd=REPO, check=True)
+    # the tiny params are not the committed params.yaml: marked, with what differs (the seed: 3 here)
+    assert tags["params_differ_from_commit"] == "true" and "seed: 1337 -> 3" in tags["params_changed"].split("; ")
 
+    # evaluation metrics are named after the split evaluated: charlm's text has no test part
     metrics = json.loads((store.metrics / f"{task}.json").read_text())
+    split = get_task(task).eval_split
+    about = json.loads((store.tmp / "samples" / task / "evaluation.json").read_text())  # what describes them
+    assert about["split"] == split == ("val" if task == "charlm" else "test")
     numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    assert {k: run.data.metrics[f"test_{k}"] for k in numbers} == pytest.approx(numbers)
+    numbers |= {f"baseline_{k}": v for k, v in metrics["baseline"].items() if isinstance(v, float)}
+    if task == "charlm":  # its evaluation loss is the best checkpoint's val_loss, already in that curve
+        assert numbers.pop("loss") == pytest.approx(config["best_val_loss"], rel=1e-5)
+        assert not [k for k in run.data.metrics if k.startswith("test_")]
+    assert {k: run.data.metrics[f"{split}_{k}"] for k in numbers} == pytest.approx(numbers)
     top = {a.path for a in c.list_artifacts(run.info.run_id, "evaluation")}
     assert top == {f"evaluation/{task}.json", "evaluation/plots", "evaluation/figures", "evaluation/samples"}
     plots = {Path(a.path).name for a in c.list_artifacts(run.info.run_id, "evaluation/plots")}
@@ -149,6 +164,157 @@ def test_training_run_holds_params_metrics_tags_and_evaluation(store, task):
     logged = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=f"evaluation/{task}.json",
                                                  tracking_uri=store.uri, dst_path=str(store.tmp / "downloads" / task))
     assert json.loads(Path(logged).read_text()) == metrics
+
+
+# --- what the MLflow UI shows: experiment kind, run names and tags, params, duration, dataset ---------------
+
+
+def test_experiment_is_marked_as_model_training(store, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    experiment = client(store).get_experiment(tracking.experiment_id(store.params))
+    assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    # an experiment made before the tag existed gets it; a kind chosen in the UI stays
+    old = MlflowClient(store.uri)
+    made = {"plain": old.create_experiment("plain", str(tmp_path)),
+            "chosen": old.create_experiment("chosen", str(tmp_path), tags={tracking.EXPERIMENT_KIND_TAG: "finetuning"})}
+    for name, want in (("plain", "custom_model_development"), ("chosen", "finetuning")):
+        params = parse_params({"tracking": {"uri": store.uri, "experiment": name, "artifact_location": str(tmp_path)}})
+        assert tracking.experiment_id(params) == made[name]
+        assert old.get_experiment_by_name(name).tags[tracking.EXPERIMENT_KIND_TAG] == want
+
+
+def test_a_dvc_experiment_names_and_tags_its_run(store, monkeypatch):
+    monkeypatch.setenv("DVC_EXP_NAME", "fuzzy-lamp")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "a" * 40)
+    monkeypatch.setenv("DVC_STAGE", "train@translation")
+    assert tracking.dvc_experiment() == {"name": "fuzzy-lamp", "baseline_rev": "a" * 40}
+    assert tracking.run_name("translation") == "translation-fuzzy-lamp"
+    tags = tracking.run_tags(store.params, "translation", "seq2seq", REPO)
+    assert tags["dvc_experiment"] == "fuzzy-lamp" and tags["dvc_baseline_rev"] == "a" * 40
+    assert tags["dvc_stage"] == "train@translation"
+    changed = tags["params_changed"].split("; ")  # the run's own params only: no other task's keys
+    assert "translation.train.max_epochs: 6 -> 2" in changed and not [c for c in changed if c.startswith("digits.")]
+    committed = parse_params(yaml.safe_load(subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=REPO,
+                                                           capture_output=True, text=True, check=True).stdout))
+    same = tracking.run_tags(committed, "translation", "seq2seq", REPO)
+    assert same["params_differ_from_commit"] == "false" and "params_changed" not in same
+    monkeypatch.delenv("DVC_EXP_NAME")
+    monkeypatch.delenv("DVC_EXP_BASELINE_REV")
+    assert tracking.dvc_experiment() == {} and "dvc_experiment" not in tracking.run_tags(committed, "gesture",
+                                                                                         "many_to_one", REPO)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_a_run_logs_only_its_tasks_params(store, task):
+    params = client(store).get_run(info(store.models, task)["mlflow_run_id"]).data.params
+    section = store.params.task(task).model_dump(mode="json")
+    every = {f"{task}.{group}.{k}" for group, values in section.items() for k in values}
+    unused = {"digits": {"model.embedding_dim", "model.attention", "model.frame_stride", "train.block_size"},
+              "translation": {"model.frame_stride", "train.block_size", "train.augment_shift"},
+              "charlm": {"model.attention", "model.frame_stride", "train.augment_shift"}}[task]
+    expected = {"seed"} | {f"trainer.{k}" for k in store.params.trainer.model_dump()}
+    expected |= every - {f"{task}.{k}" for k in unused}
+    assert set(params) == expected
+    assert not [k for k in params if k.split(".")[0] in set(TASKS) - {task}]  # no other task's section
+
+
+def _first_batch(dm, split="train"):
+    dm.setup("fit")
+    return next(iter(dm.loader(split, batch_size=8)))
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_settings_a_task_does_not_log_change_nothing_in_it(store, task):
+    """What task_params leaves out really is unused: changing it gives the same data, weights and loss."""
+    from pipeline.datasets.datamodule import PreparedDataModule
+    from pipeline.tasks import OPTIONAL_SETTINGS
+
+    spec, cfg = get_task(task), store.params.task(task)
+    other = {"model.embedding_dim": 5, "model.attention": not cfg.model.attention, "model.frame_stride": 3,
+             "train.block_size": 17, "train.augment_shift": 4}
+    assert set(other) == OPTIONAL_SETTINGS
+
+    def build(changes: dict):
+        sections = {"model": cfg.model.model_dump(), "train": cfg.train.model_dump()}
+        for key, value in changes.items():
+            group, name = key.split(".")
+            sections[group][name] = value
+        dm = PreparedDataModule(store.data / task, 8, store.params.seed, sections["train"]["block_size"])
+        batch = _first_batch(dm)
+        torch.manual_seed(0)
+        model = spec.model_class(vocab=dm.vocab, dims=dm.dims(), model=sections["model"], train=sections["train"])
+        torch.manual_seed(1)
+        with torch.no_grad():
+            loss = model.loss_terms(batch)[0]  # in training mode: dropout and augmentation on
+        return batch, model.state_dict(), loss
+
+    batch, weights, loss = build({})
+    for key in OPTIONAL_SETTINGS - set(spec.uses):
+        batch2, weights2, loss2 = build({key: other[key]})
+        assert batch2.keys() == batch.keys() and all(torch.equal(batch[k], batch2[k]) for k in batch), key
+        assert weights2.keys() == weights.keys(), key
+        assert all(torch.equal(weights[k], weights2[k]) for k in weights), key
+        assert torch.equal(loss, loss2), key
+    for key in spec.uses:  # and what it logs does change something (else it would not be its setting)
+        batch2, weights2, loss2 = build({key: other[key]})
+        differs = batch2.keys() != batch.keys() or any(batch[k].shape != batch2[k].shape or not torch.equal(
+            batch[k], batch2[k]) for k in batch) or weights2.keys() != weights.keys() or any(
+            weights[k].shape != weights2[k].shape for k in weights) or not torch.equal(loss, loss2)
+        assert differs, key
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_run_duration_is_the_training(store, registered, task):
+    """The run ends when training ends; evaluation and registration land in it without reopening it."""
+    trained, evaluation_began = store.trained[task]
+    run = client(store).get_run(info(store.models, task)["mlflow_run_id"])
+    assert trained.status == "FINISHED" and trained.end_time <= evaluation_began
+    assert (run.info.status, run.info.start_time, run.info.end_time) == ("FINISHED", trained.start_time,
+                                                                         trained.end_time)
+    evaluated = client(store).get_metric_history(run.info.run_id, f"{get_task(task).eval_split}_long_memory_units")
+    assert evaluated and min(m.timestamp for m in evaluated) >= trained.end_time
+    version = client(store).get_model_version(task, "1")  # registered from this run, logged into it
+    assert version.run_id == run.info.run_id
+    (output,) = run.outputs.model_outputs
+    logged = client(store).get_logged_model(output.model_id)
+    assert logged.source_run_id == run.info.run_id and version.source == f"models:/{output.model_id}"
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_the_prepared_data_is_the_runs_input_dataset(store, task):
+    run = client(store).get_run(info(store.models, task)["mlflow_run_id"])
+    (dataset_input,) = run.inputs.dataset_inputs
+    dataset, manifest = dataset_input.dataset, json.loads((store.data / task / "manifest.json").read_text())
+    assert {t.key: t.value for t in dataset_input.tags} == {"mlflow.data.context": "training"}
+    assert dataset.name == task
+    assert dataset.digest == "sha256:" + manifest["content_sha256"][:28]  # prepared outside DVC: the content hash
+    assert dataset.source_type == "code"
+    source = json.loads(dataset.source)["tags"]
+    assert source["package"] == f"{manifest['source']['package']} {manifest['source']['version']}"
+    assert source["prepared"] == (store.data / task).as_posix()
+    assert json.loads(source["counts"]) == manifest["counts"]
+    profile = json.loads(dataset.profile)  # the train split's arrays, not the data itself
+    train_count = manifest["counts"]["train"]
+    assert {shape[0] for shape in profile["features_shape"].values()} == {train_count}
+
+
+def test_under_dvc_the_digest_is_the_dvc_hash(store, tmp_path, monkeypatch):
+    folder = tmp_path / "data" / "prepared" / "digits"
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps({"content_sha256": "c" * 64}))
+    lock = {"schema": "2.0", "stages": {"prepare@digits": {"cmd": "python -m pipeline prepare digits", "outs": [
+        {"path": "data/prepared/digits", "hash": "md5", "md5": "0123456789abcdef0123456789abcdef.dir"}]}}}
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
+    monkeypatch.chdir(tmp_path)
+    relative = Path("data/prepared/digits")
+    assert tracking.prepared_digest(relative) == "sha256:" + "c" * 28  # not under DVC: the lock may be stale
+    monkeypatch.setenv("DVC_STAGE", "train@digits")
+    assert tracking.prepared_digest(relative) == "0123456789abcdef0123456789abcdef.dir"
+    other = tmp_path / "data" / "prepared" / "gesture"  # no entry in dvc.lock
+    other.mkdir()
+    (other / "manifest.json").write_text(json.dumps({"content_sha256": "d" * 64}))
+    assert tracking.prepared_digest(Path("data/prepared/gesture")) == "sha256:" + "d" * 28
 
 
 # --- the registry and the champion alias ----------------------------------------------------------------
@@ -189,6 +355,12 @@ def test_registration_moves_the_champion_only_when_not_worse(store, registered):
     assert v1.tags["key_metric"] == "accuracy" and v1.tags["higher_is_better"] == "True"
     assert v1.tags["task"] == "digits" and v1.tags["fingerprint"] == info(store.models, "digits")["fingerprint"]
     assert str(champion(store, "digits").version) == "1"
+    run_name = c.get_run(run_id).info.run_name
+    assert v1.description == (f"digits (one_to_one) from run {run_name} ({run_id}): accuracy {accuracy:.4f} on "
+                              "the test split (higher is better). At registration it became `champion` (first version).")
+    model = c.get_registered_model("digits").description
+    assert model.startswith("Task `digits`: a one_to_one model on GateLSTM, trained on ")
+    assert "the best accuracy on the test split (higher is better)" in model
 
     again = register(store, "digits")  # the same run: no second version
     assert (again["version"], again["new_version"], again["alias_moved"]) == (1, False, False)
@@ -202,12 +374,18 @@ def test_registration_moves_the_champion_only_when_not_worse(store, registered):
     assert receipt["why"] == f"accuracy {accuracy - 0.25:.4f} is worse than champion v1's {accuracy:.4f}"
     assert str(champion(store, "digits").version) == "1" and versions(store, "digits") == ["1", "2"]
     assert c.get_model_version("digits", "2").tags["metric.accuracy"] == str(accuracy - 0.25)
+    assert c.get_model_version("digits", "2").description.endswith(
+        f"At registration it left `champion` where it was (accuracy {accuracy - 0.25:.4f} is worse than champion "
+        f"v1's {accuracy:.4f}).")
 
     better = retrain(store, "digits", "better", lr=0.02, key_value=accuracy + 0.25)
     receipt = register(store, "digits", better.models, better.metrics)
     assert receipt["version"] == 3 and receipt["alias_moved"] and receipt["champion_version"] == 3
     assert receipt["why"].startswith(f"accuracy {accuracy + 0.25:.4f} >= champion v1's")
     assert str(champion(store, "digits").version) == "3" and champion(store, "digits").run_id == better.run_id
+    assert f"became `champion` (accuracy {accuracy + 0.25:.4f} >= champion v1's" in c.get_model_version(
+        "digits", "3").description
+    assert "(first version)" in c.get_model_version("digits", "1").description  # its own reason stays
 
     again = register(store, "digits", worse.models, worse.metrics)  # the worse run again: still v2, no move
     assert (again["version"], again["new_version"], again["alias_moved"]) == (2, False, False)
@@ -411,8 +589,8 @@ def test_mlflow_server_serves_the_runs_and_the_ui(store, tmp_path):
         assert {"key": "task", "value": "charlm"} in runs[0]["data"]["tags"]
         metrics = {m["key"]: m["value"] for m in runs[0]["data"]["metrics"]}
         loss = json.loads((store.metrics / "charlm.json").read_text())["loss"]
-        assert metrics["test_loss"] == pytest.approx(loss) and metrics["test_bits_per_char"] == pytest.approx(
-            loss / math.log(2), abs=1e-5)
+        assert "test_loss" not in metrics  # charlm is evaluated on its val split
+        assert metrics["val_bits_per_char"] == pytest.approx(loss / math.log(2), abs=1e-5)
         status, page = http(f"{base}/")
         assert status == 200 and "<html" in page.lower()
     finally:

@@ -62,7 +62,7 @@ class RecurrentModule(L.LightningModule):
 
     def __init__(self, vocab: dict, dims: dict, model: dict, train: dict):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the run logs params.yaml's names (tracking.task_params)
         self.vocab, self.dims = vocab, dims
         self.model_cfg, self.train_cfg = ModelConfig(**model), TrainConfig(**train)
         self._base_seed = torch.initial_seed()  # seed_everything ran before us: the run's seed
