@@ -38,13 +38,14 @@ def fingerprint(task: str, params: Params, data_dir: Path) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _resume_state(ckpt_dir: Path, stamp: str, zero: bool) -> tuple[Path | None, dict]:
-    """(last checkpoint, saved resume.json) to resume from; rank 0 clears the folder when anything changed."""
+def _resume_state(ckpt_dir: Path, stamp: str, zero: bool, store: str | None) -> tuple[Path | None, dict]:
+    """(last checkpoint, saved resume.json) to resume from; rank 0 clears the folder when anything changed:
+    the fingerprint, or the MLflow store (`store`: its URI, None untracked), which the saved run id belongs to."""
     meta = ckpt_dir / "resume.json"
     if meta.exists():
         saved = json.loads(meta.read_text())
         last = ckpt_dir / "last.ckpt"
-        if saved.get("fingerprint") == stamp and last.exists():
+        if saved.get("fingerprint") == stamp and saved.get("tracking_uri") == store and last.exists():
             if zero and not saved.get("finished"):
                 print(f"resuming from {last}")
             return last, saved
@@ -244,7 +245,10 @@ def train(task_name: str, params: Params, *, data_root: Path = DATA_ROOT, models
     dm = PreparedDataModule(data_dir, cfg.train.batch_size, params.seed, cfg.train.block_size)
     check_split(dm, task_name, cfg.train.batch_size, trainer.world_size)
     zero = tracking.is_global_zero()
-    resume_from, saved = _resume_state(ckpt_dir, stamp, zero)
+    store = tracking.tracking_uri(params, root) if track else None
+    if track and zero:
+        tracking.experiment_id(params, root)  # an unreachable store: one line, before the checkpoints change
+    resume_from, saved = _resume_state(ckpt_dir, stamp, zero, store)
 
     L.seed_everything(params.seed, workers=True, verbose=False)
     model = task.model_class(vocab=dm.vocab, dims=dm.dims(), model=cfg.model.model_dump(),
@@ -269,7 +273,7 @@ def train(task_name: str, params: Params, *, data_root: Path = DATA_ROOT, models
             tracking.log_dataset(logger.experiment, logger.run_id, task_name, data_dir)
     run_id = logger.run_id if logger is not None else None
     if zero:
-        _write_resume(ckpt_dir, {"fingerprint": stamp, "run_id": run_id})
+        _write_resume(ckpt_dir, {"fingerprint": stamp, "run_id": run_id, "tracking_uri": store})
 
     try:
         with _sigterm_unwinds():
@@ -283,7 +287,7 @@ def train(task_name: str, params: Params, *, data_root: Path = DATA_ROOT, models
         tracking.flush()
     if not trainer.is_global_zero:
         return ""
-    _write_resume(ckpt_dir, {"fingerprint": stamp, "run_id": run_id, "finished": True,
+    _write_resume(ckpt_dir, {"fingerprint": stamp, "run_id": run_id, "tracking_uri": store, "finished": True,
                              "world_size": trainer.world_size})
     return publish(task_name, params, model, dm, ckpt_dir, out_dir, checkpoint.state_key, stamp, run_id,
                    trainer.world_size, root)
