@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import subprocess
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 from pipeline.config import Params, PipelineError, first_line
@@ -109,7 +109,7 @@ def relocate_store(params: Params, root: Path | None = None) -> str | None:
     db = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
     if db is None or "://" in rel or Path(rel).is_absolute() or not db.is_file() or not db.is_relative_to(root):
         return None  # not this project's own store with a project-relative artifact location
-    with sqlite3.connect(db, timeout=30) as con:
+    with closing(sqlite3.connect(db, timeout=30)) as con, con:  # one transaction, then closed
         try:
             row = con.execute("SELECT artifact_location FROM experiments WHERE name = ?",
                               (params.tracking.experiment,)).fetchone()
