@@ -357,7 +357,8 @@ def test_registration_moves_the_champion_only_when_not_worse(store, registered):
     assert str(champion(store, "digits").version) == "1"
     run_name = c.get_run(run_id).info.run_name
     assert v1.description == (f"digits (one_to_one) from run {run_name} ({run_id}): accuracy {accuracy:.4f} on "
-                              "the test split (higher is better). At registration it became `champion` (first version).")
+                              "the test split (higher is better). At registration it became `champion` "
+                              "(first version).")
     model = c.get_registered_model("digits").description
     assert model.startswith("Task `digits`: a one_to_one model on GateLSTM, trained on ")
     assert "the best accuracy on the test split (higher is better)" in model
