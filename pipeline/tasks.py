@@ -13,8 +13,8 @@ from pipeline.config import TASKS, ConfigError
 
 # The model/train settings only some tasks read (params.yaml has them in every task's section); each Task
 # lists those it reads in `uses`. Every other setting is read by every task.
-OPTIONAL_SETTINGS = frozenset({"model.embedding_dim", "model.attention", "model.frame_stride", "train.block_size",
-                               "train.augment_shift"})
+OPTIONAL_SETTINGS = frozenset({"model.embedding_dim", "model.attention", "model.frame_stride", "model.bidirectional",
+                               "train.block_size", "train.augment_shift"})
 
 
 @dataclass(frozen=True)
@@ -53,11 +53,13 @@ REGISTRY: dict[str, Task] = {
     for t in (
         Task("digits", "one_to_one", "one_to_one:OneToOne", "accuracy", True, ("train.augment_shift",)),
         Task("melody", "one_to_many", "one_to_many:OneToMany", "nll", False, ("model.embedding_dim",)),
-        Task("sentiment", "many_to_one", "many_to_one:ManyToOne", "accuracy", True, ("model.embedding_dim",)),
-        Task("gesture", "many_to_one", "many_to_one:ManyToOne", "accuracy", True, ("model.frame_stride",)),
+        Task("sentiment", "many_to_one", "many_to_one:ManyToOne", "accuracy", True,
+             ("model.embedding_dim", "model.bidirectional")),
+        Task("gesture", "many_to_one", "many_to_one:ManyToOne", "accuracy", True,
+             ("model.frame_stride", "model.bidirectional")),
         Task("translation", "seq2seq", "seq2seq:Seq2Seq", "exact_match", True,
-             ("model.embedding_dim", "model.attention")),
-        Task("activity", "many_to_many", "many_to_many:ManyToMany", "accuracy", True),
+             ("model.embedding_dim", "model.attention", "model.bidirectional")),
+        Task("activity", "many_to_many", "many_to_many:ManyToMany", "accuracy", True, ("model.bidirectional",)),
         Task("charlm", "char_lm", "char_lm:CharLM", "loss", False, ("model.embedding_dim", "train.block_size")),
     )
 }

@@ -232,7 +232,7 @@ def test_settings_a_task_does_not_log_change_nothing_in_it(store, task):
 
     spec, cfg = get_task(task), store.params.task(task)
     other = {"model.embedding_dim": 5, "model.attention": not cfg.model.attention, "model.frame_stride": 3,
-             "train.block_size": 17, "train.augment_shift": 4}
+             "model.bidirectional": not cfg.model.bidirectional, "train.block_size": 17, "train.augment_shift": 4}
     assert set(other) == OPTIONAL_SETTINGS
 
     def build(changes: dict):
