@@ -210,9 +210,10 @@ def test_a_run_logs_only_its_tasks_params(store, task):
     params = client(store).get_run(info(store.models, task)["mlflow_run_id"]).data.params
     section = store.params.task(task).model_dump(mode="json")
     every = {f"{task}.{group}.{k}" for group, values in section.items() for k in values}
-    unused = {"digits": {"model.embedding_dim", "model.attention", "model.frame_stride", "train.block_size"},
+    unused = {"digits": {"model.embedding_dim", "model.attention", "model.frame_stride", "model.bidirectional",
+                         "train.block_size"},
               "translation": {"model.frame_stride", "train.block_size", "train.augment_shift"},
-              "charlm": {"model.attention", "model.frame_stride", "train.augment_shift"}}[task]
+              "charlm": {"model.attention", "model.frame_stride", "model.bidirectional", "train.augment_shift"}}[task]
     expected = {"seed"} | {f"trainer.{k}" for k in store.params.trainer.model_dump()}
     expected |= every - {f"{task}.{k}" for k in unused}
     assert set(params) == expected
