@@ -316,7 +316,8 @@ def log_dataset(client, run_id: str, task: str, data_dir: Path, builder: str | N
     info = manifest.get("source", {})
     source = CodeDatasetSource({"package": f"{info.get('package', '?')} {info.get('version', '')}".strip(),
                                 "license": info.get("license", ""), "what": info.get("what", ""),
-                                "prepared": Path(data_dir).as_posix(), "builder": builder or f"pipeline.datasets.{task}",
+                                "prepared": Path(data_dir).as_posix(),
+                                "builder": builder or f"pipeline.datasets.{task}",
                                 "counts": json.dumps(manifest.get("counts", {}), sort_keys=True)})
     dataset = mlflow.data.from_numpy(arrays, source=source, targets=target or None, name=task,
                                      digest=prepared_digest(data_dir))

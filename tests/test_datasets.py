@@ -13,16 +13,16 @@ import pytest
 
 from pipeline.config import ConfigError, Params, PipelineError, task_section
 from pipeline.datasets import prepared as prepared_module
-from pipeline.datasets.common import natural_sorted, pad, split_indices
-from pipeline.datasets.prepared import SPLITS, load_manifest, load_split, load_vocab, save_prepared
-from pipeline.prepare import prepare, summary
 from pipeline.datasets.activity import ActivityData
 from pipeline.datasets.charlm import CharLMData
+from pipeline.datasets.common import natural_sorted, pad, split_indices
 from pipeline.datasets.digits import DigitsData
 from pipeline.datasets.gesture import GestureData
 from pipeline.datasets.melody import MelodyData
+from pipeline.datasets.prepared import SPLITS, load_manifest, load_split, load_vocab, save_prepared
 from pipeline.datasets.sentiment import SentimentData
 from pipeline.datasets.translation import TranslationData
+from pipeline.prepare import prepare, summary
 from pipeline.tasks import get_task
 
 SMALL = {

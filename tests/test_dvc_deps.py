@@ -3,8 +3,9 @@ at the top or inside functions) is a dependency of that stage, so editing it mak
 the stage. Stages are read through DVC's own parser (foreach resolved for every task); modules are
 followed with `ast`, plus the imports made by name (a task's source module, its topology's module). A
 source's own code (Source.code_files: its module and the data modules it imports) is the one exception: it
-is hashed into data/sources/<task>.json by the `sources` stage, and prepare@<task> depends on that file. `python -m pipeline`'s dispatch (__main__.py) is not counted: it only picks the
-stage's function. Package __init__ files count unless they hold nothing but a docstring."""
+is hashed into data/sources/<task>.json by the `sources` stage, and prepare@<task> depends on that file.
+`python -m pipeline`'s dispatch (__main__.py) is not counted: it only picks the stage's function. Package
+__init__ files count unless they hold nothing but a docstring."""
 
 from __future__ import annotations
 
