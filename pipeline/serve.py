@@ -62,8 +62,8 @@ def sample(params: Params, uri: str, prime: str, length: int, temperature: float
     task = _task_of(model, uri)
     pyfunc = model.unwrap_python_model()
     if "sample" not in pyfunc.topology.verbs:
-        raise PipelineError(f"{uri} is the {task!r} model ({pyfunc.topology.name}), not a char LM: `sample` needs "
-                            f"one (try `python -m pipeline predict {task} ...`)")
+        raise PipelineError(f"{uri} is the {task!r} model, not a char LM: `sample` needs one (its topology "
+                            f"{pyfunc.topology.name} has no `sample`; try `python -m pipeline predict {task} ...`)")
     return _run(model, pyfunc.topology.cli_sample(pyfunc, prime, options))["text"][0]
 
 

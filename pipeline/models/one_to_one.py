@@ -92,7 +92,8 @@ class OneToOneTopology(Topology):
             elif x.ndim >= 2 and x.shape[1:] in one:
                 rows.extend(x.reshape(-1, *shape))
             else:
-                raise PipelineError(f"{name}: an array of shape {x.shape} is not one input {shape} or a stack "
+                what = "feature row" if "features" in pyfunc.vocab else "image"
+                raise PipelineError(f"{name}: an array of shape {x.shape} is not one {what} {shape} or a stack "
                                     f"(N, {', '.join(map(str, shape))})")
         return rows
 
