@@ -161,7 +161,7 @@ def task_section(name: str, raw: object) -> TaskParams:
         raise SectionError(f"{name}.topology: missing; the topology the data feed: {', '.join(topologies.TOPOLOGIES)}")
     try:
         topologies.check_name(topology)
-        schema = source.schema(topology)  # a built-in source feeds one topology; files say which they take
+        schema = source.schema(topology, {**data, "source": source_name})  # a built-in feeds one topology
     except ConfigError as err:
         raise SectionError(f"{name}.topology: {err}") from None
     return TaskParams(topology=topology, data=_validated(schema, {**data, "source": source_name}, f"{name}.data"),

@@ -28,7 +28,8 @@ def prepare(task: str, params: Params, root: str | Path = PREPARED_ROOT) -> dict
     """Build `task`'s data with `params` and save it to root/task; return the manifest."""
     spec = get_task(task, params)
     prepared = spec.source.build(spec.section.data, params.seed)
-    prepared.stats = {**prepared.stats, "vocab_sizes": vocab_sizes(prepared.vocab)}
+    # the manifest names the topology: DVC's hash of the folder changes with it, so train@<task> reruns
+    prepared.stats = {**prepared.stats, "vocab_sizes": vocab_sizes(prepared.vocab), "topology": spec.topology_name}
     return save_prepared(prepared, Path(root) / task)
 
 

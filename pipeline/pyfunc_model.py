@@ -41,11 +41,11 @@ class RNNPyfunc(PythonModel):
 
     def load_context(self, context):
         from pipeline.models.saved import load_trained
-        from pipeline.topologies import get_topology
+        from pipeline.topologies import topology_of
 
         self.model, self.info = load_trained(context.artifacts["model"])
         self.vocab = self.info["hparams"]["vocab"]
-        self.topology = get_topology(self.info["topology"])
+        self.topology = topology_of(self.info)
         self.topology.load(self)
 
     # model_input is a DataFrame for the text and generation models and an array, a list or a DataFrame for

@@ -50,7 +50,7 @@ def _run(model, model_input):
         raise PipelineError(first_line(err)) from None
 
 
-def sample(params: Params, uri: str, prime: str, length: int, temperature: float, top_k: int | None,
+def sample(params: Params, uri: str, prime: str | None, length: int, temperature: float, top_k: int | None,
            seed: int | None = None) -> str:
     """`sample`: text from a registered model whose topology has the `sample` verb (a char LM)."""
     from pipeline.models.serving import sampling_options

@@ -76,10 +76,17 @@ class Source:
         """The topology a built-in source feeds; None for files (the task section names it)."""
         return self.module.TOPOLOGY if self.builtin else None
 
-    def schema(self, topology: str) -> type[DataSection]:
-        """The pydantic model of the `data` section for `topology`; ConfigError if the source cannot feed it."""
+    @property
+    def variant(self) -> str | None:
+        """"module:object" of a topology object the built-in source declares (VARIANT) in place of its
+        topology's own: a subclass instance with its own evaluation, key metric or predict; None: the topology's."""
+        return getattr(self.module, "VARIANT", None) if self.builtin else None
+
+    def schema(self, topology: str, data: dict | None = None) -> type[DataSection]:
+        """The pydantic model of the `data` section (`data`: the raw section, which a file source reads to tell
+        its formats apart) for `topology`; ConfigError if the source cannot feed it."""
         if not self.builtin:
-            return self.module.schema(topology)
+            return self.module.schema(topology, data)
         if topology != self.module.TOPOLOGY:
             raise ConfigError(f"the built-in source {self.name!r} feeds {self.module.TOPOLOGY}, not {topology}")
         return self.module.Data
@@ -114,10 +121,17 @@ class Source:
         return self.module.__name__ if self.builtin else f"{self.module.__name__}: {self.path().as_posix()}"
 
     def code_files(self) -> list[Path]:
-        """The reader's code: its module and the modules of pipeline/datasets/ it imports (transitively)."""
+        """The reader's code: its module (a package: every module in it) and the modules of pipeline/datasets/ it
+        imports, transitively, anywhere in their code; common.py and prepared.py are prepare's own deps."""
         import ast
 
-        todo, seen = [Path(self.module.__file__)], []
+        def files_of(name: str) -> list[Path]:
+            target = DATASETS_DIR / name
+            if target.is_dir():
+                return sorted(target.rglob("*.py"))
+            return [target.with_suffix(".py")] if target.with_suffix(".py").is_file() else []
+
+        todo, seen = files_of(self.module.__name__.split(".")[2]), []
         while todo:
             path = todo.pop()
             if path in seen:
@@ -126,13 +140,11 @@ class Source:
             for node in ast.walk(ast.parse(path.read_text())):
                 names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
                          [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-                         if isinstance(node, ast.ImportFrom) and node.module else [])
+                         if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
                 for name in names:
-                    if name.startswith(f"{DATASETS}."):
-                        file = DATASETS_DIR / f"{name.split('.')[2]}.py"
-                        if file.is_file() and file.stem not in ("common", "prepared"):
-                            todo.append(file)
-        return sorted(seen)
+                    if name.startswith(f"{DATASETS}.") and name.split(".")[2] not in ("common", "prepared"):
+                        todo.extend(files_of(name.split(".")[2]))
+        return sorted(set(seen))
 
     def fingerprint(self) -> dict:
         """What the task's data depend on beyond params: the sha256 of the reader's code and of every user file
@@ -169,23 +181,18 @@ def resolve(name: str) -> Source:
     return Source(name, _files_module(), False)
 
 
-def write_fingerprints(params, root: Path = SOURCES_ROOT) -> str:
-    """Stage `sources`: data/sources/<task>.json for every listed task, each rewritten only when it changed
-    (so DVC sees the same hash for an unchanged task), files of tasks no longer listed removed."""
+def write_fingerprint(task: str, params, root: Path = SOURCES_ROOT) -> str:
+    """Stage `sources@<task>`: data/sources/<task>.json, the task's topology and its source's fingerprint (the
+    hashes of its reader's code and of its files). Same inputs, same bytes: DVC then sees the same hash, and
+    prepare@<task> does not rerun."""
+    section = params.task(task)
+    fingerprint = {"task": task, "topology": section.topology, **resolve(section.data.source).fingerprint()}
     root.mkdir(parents=True, exist_ok=True)
-    wanted = {}
-    for task in params.tasks:
-        section = params.task(task)
-        wanted[f"{task}.json"] = json.dumps(resolve(section.data.source).fingerprint(), indent=1, sort_keys=True) + "\n"
-    for stale in root.glob("*.json"):
-        if stale.name not in wanted:
-            stale.unlink()
-    changed = []
-    for name, text in wanted.items():
-        path = root / name
-        if not path.is_file() or path.read_text() != text:
-            tmp = path.with_suffix(".json.tmp")
-            tmp.write_text(text)
-            tmp.replace(path)
-            changed.append(name.removesuffix(".json"))
-    return f"sources: {len(wanted)} tasks; changed: {', '.join(changed) or 'none'}"
+    path = root / f"{task}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(fingerprint, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)
+    files = fingerprint.get("files")
+    what = (f"{len(files)} file(s) under {fingerprint['path']}" if files else
+            f"missing: {fingerprint['path']}" if "path" in fingerprint else f"built-in source {section.data.source}")
+    return f"{task}: {what}; wrote {path}"

@@ -17,7 +17,7 @@ from functools import cached_property
 
 from pipeline.config import ConfigError, Params, TaskParams
 from pipeline.sources import Source, resolve
-from pipeline.topologies import Topology, get_topology
+from pipeline.topologies import Topology, get_topology, load_variant
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,9 @@ class Task:
 
     @cached_property
     def topology(self) -> Topology:
-        return get_topology(self.topology_name)
+        """The topology object; a built-in source may declare its own variant of it (Source.variant)."""
+        variant = self.source.variant
+        return load_variant(variant, self.topology_name) if variant else get_topology(self.topology_name)
 
     # what the topology decides
     @property

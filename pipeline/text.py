@@ -4,9 +4,10 @@ Two tokenisations, each recorded by the kind of vocabulary it makes (pipeline.ba
 
 - text classifiers (many_to_one over `tokens`): lowercased words (inner apostrophes kept) and punctuation
   marks; `tokenize`, `encode`.
-- translators (seq2seq over `src_tokens`/`tgt_tokens`): lowercased words, every punctuation mark on its own
-  (hyphens too: "quarante-deux" -> quarante - deux); `translation_tokenize`, `detokenize`, `encode_source`,
-  `encode_target`.
+- translators (seq2seq over `src_tokens`/`tgt_tokens`): vocab["tokenizer"] says which (`tokenizer(vocab)`):
+  "words" (the default): lowercased words, every punctuation mark on its own (hyphens too: "quarante-deux"
+  -> quarante - deux), `translation_tokenize` and `detokenize`; "chars": every character. `encode_source`,
+  `encode_target` use it.
 
 Pure Python: `prepare` imports it.
 """
@@ -14,7 +15,7 @@ Pure Python: `prepare` imports it.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from pipeline.batch import BOS_TOKEN, EOS_TOKEN, UNK_TOKEN
 
@@ -60,14 +61,30 @@ def detokenize(tokens: list[str]) -> str:
     return out
 
 
+def characters(text: str) -> list[str]:
+    """A character tokeniser (a translator's vocab["tokenizer"] == "chars"): every character, case kept."""
+    return list(text)
+
+
+TOKENIZERS: dict[str, tuple[Callable[[str], list[str]], Callable[[list[str]], str]]] = {
+    "words": (translation_tokenize, detokenize),
+    "chars": (characters, "".join),
+}
+
+
+def tokenizer(vocab: Mapping) -> tuple[Callable[[str], list[str]], Callable[[list[str]], str]]:
+    """(tokenize, detokenize) of a translator's vocabulary: vocab["tokenizer"], "words" where absent."""
+    return TOKENIZERS[vocab.get("tokenizer", "words") if isinstance(vocab.get("tokenizer"), str) else "words"]
+
+
 def encode_source(text: str, vocab: Mapping) -> list[int]:
-    """Source text -> source ids (no BOS/EOS); `vocab` is vocab.json's dict or a ready token -> id map."""
+    """Source text -> source ids (no BOS/EOS); `vocab` is vocab.json's dict or a ready token -> id map (words)."""
     index = token_index(vocab, "src_tokens")
-    return [index.get(tok, index[UNK_TOKEN]) for tok in translation_tokenize(text)]
+    return [index.get(tok, index[UNK_TOKEN]) for tok in tokenizer(vocab)[0](text)]
 
 
 def encode_target(text: str, vocab: Mapping) -> list[int]:
     """Target text -> BOS ids EOS."""
     index = token_index(vocab, "tgt_tokens")
-    return [index[BOS_TOKEN], *(index.get(tok, index[UNK_TOKEN]) for tok in translation_tokenize(text)),
+    return [index[BOS_TOKEN], *(index.get(tok, index[UNK_TOKEN]) for tok in tokenizer(vocab)[0](text)),
             index[EOS_TOKEN]]

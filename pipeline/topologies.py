@@ -56,6 +56,22 @@ def get_topology(name: str) -> Topology:
     return importlib.import_module(TOPOLOGIES[name]).TOPOLOGY
 
 
+def load_variant(path: str, name: str) -> Topology:
+    """The topology object a source declares ("module:object", its VARIANT), checked to be a `name` topology."""
+    module, obj = path.split(":")
+    variant = getattr(importlib.import_module(module), obj)
+    base = get_topology(name)
+    if not isinstance(variant, type(base)):
+        raise ConfigError(f"{path} is not a {name} topology (an instance of {type(base).__name__} or a subclass)")
+    return variant
+
+
+def topology_of(info: dict) -> Topology:
+    """The topology object of a trained model (its config.json): the source's variant where it declared one."""
+    variant = info.get("variant")
+    return load_variant(variant, info["topology"]) if variant else get_topology(info["topology"])
+
+
 class Topology:
     """Base class of the topology objects: the defaults; each module of pipeline/models/ subclasses it."""
 

@@ -417,12 +417,12 @@ def _signature_and_example(model_dir: Path, params: Params | None = None):
     import json
 
     from pipeline.tasks import get_task
-    from pipeline.topologies import get_topology
+    from pipeline.topologies import topology_of
 
     info = json.loads((model_dir / "config.json").read_text())
     task = get_task(info["task"], params)
     source_example = task.source.example(task.section.data)
-    return None, get_topology(info["topology"]).input_example(info, source_example)
+    return None, topology_of(info).input_example(info, source_example)
 
 
 def log_and_register(params: Params, name: str, model_dir: Path, run_id: str, root: Path | None = None) -> str:

@@ -313,7 +313,8 @@ def publish(task_name: str, params: Params, model, dm, ckpt_dir: Path, out_dir: 
     last = torch.load(last_path, map_location="cpu", weights_only=True)
     score = last["callbacks"][best_key]["best_model_score"]
     best_val, epochs, steps = (float(score) if score is not None else None), last["epoch"] + 1, last["global_step"]
-    info = {"task": task_name, "topology": task.topology_name, "model_class": task.model,
+    variant = {"variant": task.source.variant} if task.source.variant else {}  # the source's own topology object
+    info = {"task": task_name, "topology": task.topology_name, **variant, "model_class": task.model,
             "hparams": {"vocab": dm.vocab, "dims": dm.dims(), "model": cfg.model.model_dump(),
                         "train": cfg.train.model_dump()},
             "best_val_loss": best_val, "best_epoch": best["epoch"] + 1, "best_global_step": best["global_step"],

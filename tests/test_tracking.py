@@ -209,7 +209,8 @@ def test_a_dvc_experiment_names_and_tags_its_run(store, monkeypatch):
 def test_a_run_logs_only_its_tasks_params(store, task):
     params = client(store).get_run(info(store.models, task)["mlflow_run_id"]).data.params
     section = store.params.task(task).model_dump(mode="json")
-    every = {f"{task}.{group}.{k}" for group, values in section.items() for k in values}
+    every = {f"{task}.{group}.{k}" for group, values in section.items() if isinstance(values, dict) for k in values}
+    every.add(f"{task}.topology")  # and the topology, data.source among the data
     unused = {"digits": {"model.embedding_dim", "model.attention", "model.frame_stride", "model.bidirectional",
                          "train.block_size"},
               "translation": {"model.frame_stride", "train.block_size", "train.augment_shift"},

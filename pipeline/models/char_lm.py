@@ -127,9 +127,13 @@ class CharLMTopology(Topology):
         return pd.DataFrame({"prime": names, **{k: [v] * len(names) for k, v in checked.items()}})
 
     def cli_sample(self, pyfunc, prime, options):
-        from pipeline.serving_defaults import MAX_CHARS
+        from pipeline.serving_defaults import CHARLM, MAX_CHARS
 
         checked = serving.sampling_options(options, MAX_CHARS)
+        if prime is None:  # the default prime, or one character this model knows (another text)
+            chars = pyfunc.vocab["chars"]
+            prime = CHARLM.prime if set(CHARLM.prime) <= set(chars) else next(
+                (c for c in chars if c.isalpha()), chars[-1])
         return pd.DataFrame({"prime": [prime], **{k: [v] for k, v in checked.items()}})
 
 

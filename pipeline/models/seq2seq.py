@@ -157,8 +157,9 @@ class Seq2SeqTopology(Topology):
         """Exact match of greedy decodes, and corpus BLEU (torchmetrics) on word tokens."""
         from torchmetrics.text import BLEUScore
 
-        from pipeline.text import detokenize
+        from pipeline.text import tokenizer, translation_tokenize
 
+        tokenize, detokenize = tokenizer(dm.vocab)
         src_words, tgt_words = dm.vocab["src_tokens"], dm.vocab["tgt_tokens"]
         hyps, refs, rows = [], [], []
         for batch in evaluation.batches(dm, split):
@@ -171,7 +172,10 @@ class Seq2SeqTopology(Topology):
                 rows.append((detokenize([src_words[i] for i in src[: int(n)].tolist()]), ref, hyp))
         exact = float(np.mean([h == r for h, r in zip(hyps, refs)]))
         bleu = BLEUScore(n_gram=4)
-        tok = lambda s: " ".join(s.replace("-", " - ").split())  # noqa: E731  (hyphens as words, as tokenized)
+        if tokenize is translation_tokenize:  # words: hyphens as words, as tokenized
+            tok = lambda s: " ".join(s.replace("-", " - ").split())  # noqa: E731
+        else:  # BLEU over the tokenizer's own units (characters)
+            tok = lambda s: " ".join(tokenize(s))  # noqa: E731
         score = float(bleu([tok(h) for h in hyps], [[tok(r)] for r in refs]))
         lines = ["source\treference\tmodel\tmatch"] + [f"{s}\t{r}\t{h}\t{r == h}" for s, r, h in rows[:200]]
         (samples / "translations.tsv").write_text("\n".join(lines) + "\n")
@@ -190,8 +194,9 @@ class Seq2SeqTopology(Topology):
     def predict(self, pyfunc, model_input):
         """Empty text -> ""; a text of unknown words only -> translation None (nothing to translate from)."""
         from pipeline.batch import UNK_TOKEN
-        from pipeline.text import detokenize, encode_source
+        from pipeline.text import encode_source, tokenizer
 
+        detokenize = tokenizer(pyfunc.vocab)[1]
         texts = inputs.texts(model_input)
         unk = pyfunc.vocab["src_tokens"].index(UNK_TOKEN)
         ids = [encode_source(t, pyfunc.vocab) for t in texts]
