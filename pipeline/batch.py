@@ -31,6 +31,10 @@ SEQUENCE_SPECIALS = [PAD_TOKEN, EOS_TOKEN]
 SEQUENCE_EOS = SEQUENCE_SPECIALS.index(EOS_TOKEN)  # 1: the end of a generated sequence (one_to_many)
 
 
+# length arrays and the padded arrays they describe: the DataModule trims a batch to its longest member
+PADDED = {"lengths": ("tokens", "x", "y"), "src_lengths": ("src",), "tgt_lengths": ("tgt",)}
+
+
 def lengths_mask(lengths, steps: int):
     """(B, steps) bool mask, True on each row's first `lengths[b]` steps: the real (unpadded) positions.
 
