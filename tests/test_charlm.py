@@ -346,3 +346,15 @@ def test_metrics_report_carried_and_zero_state_loss(text_root, tmp_path):
         assert metrics["loss_zero_state"] == pytest.approx(_token_loss(model.eval(), dm, "val"), abs=2e-6)
     assert metrics["loss"] < metrics["loss_zero_state"]  # context from before each window helps
     assert metrics["bits_per_char"] == pytest.approx(metrics["loss"] / np.log(2), abs=1e-5)
+
+
+def test_a_text_too_short_for_its_streams_is_refused_before_any_side_effect(text_root, tmp_path):
+    from pipeline.train import train
+
+    params = charlm_params()
+    section = params.charlm.model_copy(update={"train": params.charlm.train.model_copy(update={"block_size": 600})})
+    with pytest.raises(PipelineError) as err:
+        train("charlm", params.model_copy(update={"charlm": section}), data_root=text_root,
+              models_root=tmp_path / "models", ckpt_root=tmp_path / "checkpoints", track=False)
+    assert "\n" not in str(err.value) and "the train split" in str(err.value) and "too short" in str(err.value)
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "models").exists()

@@ -76,8 +76,12 @@ class CharLM(OneToMany):
         self._carried.pop("val", None)
 
     def configure_optimizers(self):
+        """Adam with the warm-up + cosine schedule (`lr_factor`) over the fit's steps; outside a Trainer (no step
+        count to schedule over) the bare optimizer at train.lr, as every other topology's."""
         optimizer = super().configure_optimizers()
-        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
+        if self._trainer is None:
+            return optimizer
+        total = max(1, int(self.trainer.estimated_stepping_batches))
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, total=total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
