@@ -114,15 +114,17 @@ def _token_loss(model, dm, split) -> float:
 
 
 def language_model(model, dm, split, out, samples):
-    """char LM: loss (nats per character) and bits per character on held-out text, read in one piece with the
-    state carried from each character to the next (CharLM.text_loss); `loss_zero_state` beside it: the mean
-    over non-overlapping windows of train.block_size, each read from a zero state (as before carried state)."""
+    """char LM: loss (nats per character) and bits per character on held-out text read with carried state, as
+    validation during training reads it (train.batch_size consecutive streams, CharLM.streams_loss: equal to the
+    best checkpoint's val_loss). Beside it `loss_one_piece`, the whole text in one pass (CharLM.text_loss), and
+    `loss_zero_state`, non-overlapping windows of train.block_size each from a zero state (the old reading)."""
     ids = {s: np.load(dm.data_dir / f"{s}.npz")["ids"] for s in ("train", split)}
-    total, count = model.text_loss(ids[split])
+    total, count = model.streams_loss(dm.stream_loader(split))
     loss = total / count
+    one_total, one_count = model.text_loss(ids[split])
     base = _unigram_nll(ids["train"], ids[split], len(dm.vocab["chars"]))
     metrics = {"loss": loss, "bits_per_char": loss / math.log(2), "perplexity": math.exp(loss),
-               "loss_zero_state": _token_loss(model, dm, split)}
+               "loss_one_piece": one_total / one_count, "loss_zero_state": _token_loss(model, dm, split)}
     texts = []
     for prime in ("ROMEO:", "First Citizen:\n", "The king"):
         for temperature in (0.5, 0.8, 1.0):

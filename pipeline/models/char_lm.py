@@ -86,6 +86,24 @@ class CharLM(OneToMany):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     @torch.no_grad()
+    def streams_loss(self, loader) -> tuple[float, int]:
+        """(summed loss in nats, predictions) over a stream loader (pipeline.datasets.streams, `first` in every
+        batch): each row's state carried from window to window, exactly as validation during training reads the
+        val text, so the number equals the epoch's val_loss. Eval mode for the duration."""
+        was_training = self.training
+        self.eval()
+        self._carried.pop("val", None)
+        total, count = 0.0, 0
+        try:
+            for batch in loader:
+                s, n = self.loss_terms({k: v.to(self.device) for k, v in batch.items()})
+                total, count = total + float(s), count + int(n)
+        finally:
+            self.train(was_training)
+            self._carried.pop("val", None)
+        return total, count
+
+    @torch.no_grad()
     def text_loss(self, ids: np.ndarray | Tensor, block: int = EVAL_BLOCK) -> tuple[float, int]:
         """(summed loss in nats, predictions) of the text `ids` (n,) read in one piece: characters 1..n-1, each
         predicted from everything before it (the state carried across forward calls of `block` characters;
