@@ -129,6 +129,12 @@ def check_split(dm, task: str, batch_size: int, world: int) -> None:
         if empty:
             refuse(f"{task}: the {split} split ({n} samples) gives {len(empty)} of {world} process(es) "
                    f"no batch (train.batch_size {batch_size}): use fewer devices or more data")
+    if dm.is_stream:  # carried state (pipeline.datasets.streams): every stream needs a window
+        for split in ("train", "val"):
+            try:
+                dm.stream_loader(split, world_size=world)
+            except PipelineError as err:
+                refuse(f"{task}: the {split} split: {err}")
 
 
 def build_trainer(params: Params, task: str, ckpt_dir: Path, logger, extra_callbacks=()):

@@ -249,7 +249,19 @@ def test_evaluate_writes_metrics_plots_and_samples(trained, task, tmp_path):
         with torch.no_grad():
             logits, _ = model(torch.from_numpy(val["x"]))
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), torch.from_numpy(val["y"]).reshape(-1))
-        assert result["loss"] == pytest.approx(float(loss), abs=1e-5)
+        assert result["loss_zero_state"] == pytest.approx(float(loss), abs=1e-5)  # each window from a zero state
+        text = np.load(trained.data / task / "val.npz")["ids"]
+        with torch.no_grad():  # the val text in one piece, the state carried from every character on
+            logits, _ = model(torch.from_numpy(text[:-1])[None])
+        whole = F.cross_entropy(logits[0], torch.from_numpy(text[1:]))
+        assert result["loss_one_piece"] == pytest.approx(float(whole), abs=1e-5)
+        # `loss`: as validation reads it, the training's batch_size streams, state carried
+        sampler = dm.stream_loader("val", streams=model.train_cfg.batch_size).batch_sampler
+        span = sampler.streams * sampler.stream_length
+        with torch.no_grad():
+            logits, _ = model(torch.from_numpy(text[:span]).reshape(sampler.streams, -1))
+        streams = F.cross_entropy(logits.flatten(0, 1), torch.from_numpy(text[1 : span + 1]))
+        assert result["loss"] == pytest.approx(float(streams), abs=1e-5)
         assert result["bits_per_char"] == pytest.approx(result["loss"] / math.log(2), abs=1e-5)
         assert result["perplexity"] == pytest.approx(math.exp(result["loss"]), rel=1e-5)
         ids = {s: np.load(trained.data / task / f"{s}.npz")["ids"] for s in ("train", "val")}

@@ -83,10 +83,11 @@ class PreparedDataModule(L.LightningDataModule):
         self.data_dir, self.batch_size, self.seed, self.block_size = Path(data_dir), batch_size, seed, block_size
         self.vocab = load_vocab(self.data_dir)
         self._splits: dict[str, dict[str, np.ndarray]] = {}
+        self._raw_splits: dict[str, dict[str, np.ndarray]] = {}
 
     def split(self, name: str) -> dict[str, np.ndarray]:
         if name not in self._splits:
-            arrays = load_split(self.data_dir, name)
+            arrays = self._raw(name)
             if "ids" in arrays:  # a character stream: cut it into training windows
                 arrays = char_windows(arrays["ids"], self.block_size)
             self._splits[name] = arrays
@@ -118,7 +119,32 @@ class PreparedDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         epoch_of = self._fit_epoch if self.trainer is not None else None
+        if self.is_stream:  # carried state: consecutive windows per row (pipeline.datasets.streams)
+            return self.stream_loader("train", epoch_of=epoch_of, **self._ranks())
         return self.loader("train", shuffle=True, drop_last=True, epoch_of=epoch_of, **self._ranks())
 
     def val_dataloader(self) -> DataLoader:
+        if self.is_stream:
+            return self.stream_loader("val", **self._ranks())
         return self.loader("val", **self._ranks())
+
+    # --- a character stream (prepared "ids"): truncated BPTT with carried state --------------------------
+
+    @property
+    def is_stream(self) -> bool:
+        """True when the prepared splits are one character stream each (`ids`), as charlm's are."""
+        return "ids" in self._raw("train")
+
+    def _raw(self, name: str) -> dict[str, np.ndarray]:
+        if name not in self._raw_splits:
+            self._raw_splits[name] = load_split(self.data_dir, name)
+        return self._raw_splits[name]
+
+    def stream_loader(self, split: str, *, rank: int = 0, world_size: int = 1,
+                      epoch_of: Callable[[], int] | None = None, streams: int | None = None) -> DataLoader:
+        """The split's text as `streams` (default batch_size) consecutive streams, windows of block_size; the
+        train split's windows shift by a seeded offset each epoch. See pipeline.datasets.streams."""
+        from pipeline.datasets.streams import stream_loader
+
+        return stream_loader(self._raw(split)["ids"], self.block_size, streams or self.batch_size, rank=rank,
+                             world_size=world_size, seed=self.seed, shift=split == "train", epoch_of=epoch_of)

@@ -2,22 +2,49 @@
 
 Batches: pipeline.batch.CharWindowBatch. Serving: a prime (column `prime`) [, length, temperature, top_k,
 seed] -> text; the CLI's `sample` verb.
+
+Truncated backpropagation through time with carried state (char-rnn's training): the training and
+validation loaders of a character stream (pipeline.datasets.streams) give each batch row the window
+that follows the row's previous one, with `first` True where a stream starts. The model keeps the
+(h, c) state each row ended with, detached (gradients stop at the window edge), and starts the row's
+next window from it; rows with `first` start from zero. Training and validation keep separate
+states; a run resumed from a checkpoint (always an epoch end here) starts its epoch from zero, as
+the uninterrupted run does. A batch without `first` (hand-made, or `char_windows`) is read from a
+zero state: that is the zero-state number evaluation reports beside the carried-state one.
+
+Learning rate: Adam with a linear warm-up over the first `WARMUP` of the steps, then a cosine decay
+to `FINAL_LR_FRACTION` of train.lr at the last step (per step, from the trainer's step count).
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from pipeline import serving_inputs as inputs
 from pipeline.models import evaluation, serving
 from pipeline.models.base import masked_cross_entropy
 from pipeline.models.one_to_many import OneToMany
 from pipeline.topologies import Topology
+
+WARMUP = 0.02  # fraction of the training steps with a linearly rising learning rate
+FINAL_LR_FRACTION = 0.02  # the cosine decay ends at this fraction of train.lr
+EVAL_BLOCK = 1000  # characters per forward call when evaluation reads a whole text with carried state
+
+
+def lr_factor(step: int, total: int) -> float:
+    """The learning rate at optimizer step `step` (0-based) of `total`, as a fraction of train.lr: a linear
+    warm-up over the first WARMUP of the steps, then a cosine decay to FINAL_LR_FRACTION at the last step."""
+    warmup = max(1, round(WARMUP * total))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
+    return FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 class CharLM(OneToMany):
@@ -26,14 +53,82 @@ class CharLM(OneToMany):
     def __init__(self, vocab: dict, dims: dict, model: dict, train: dict):
         super().__init__(vocab, dims, model, train)
         self.embed = nn.Embedding(self.num_tokens, self.model_cfg.embedding_dim)  # id 0 is a real character
+        self._carried: dict[str, tuple[Tensor, Tensor]] = {}  # "train" / "val" -> (h, c), never saved
 
     @property
     def num_tokens(self) -> int:
         return len(self.vocab["chars"])
 
+    def start_state(self, batch: dict, key: str) -> tuple[Tensor, Tensor] | None:
+        """The (h, c) each row starts from: the state its previous window ended with, zero where `first`
+        (a stream's start) or when nothing is carried (a batch without `first`, a new batch shape)."""
+        state = self._carried.get(key)
+        if "first" not in batch or state is None or state[0].shape[1] != batch["x"].shape[0]:
+            return None
+        keep = (~batch["first"]).to(state[0].dtype).to(state[0].device)[None, :, None]
+        return state[0] * keep, state[1] * keep
+
     def loss_terms(self, batch):
-        logits, _ = self(batch["x"])
+        key = "train" if self.training else "val"
+        logits, state = self(batch["x"], self.start_state(batch, key))
+        if "first" in batch:  # a stream: carry the state to the row's next window, without its graph
+            self._carried[key] = (state[0].detach(), state[1].detach())
         return masked_cross_entropy(logits, batch["y"])
+
+    def on_train_epoch_start(self) -> None:
+        self._carried.pop("train", None)  # the loader says so too (`first`): belt and braces
+
+    def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
+        self._carried.pop("val", None)
+
+    def configure_optimizers(self):
+        """Adam with the warm-up + cosine schedule (`lr_factor`) over the fit's steps; outside a Trainer (no step
+        count to schedule over) the bare optimizer at train.lr, as every other topology's."""
+        optimizer = super().configure_optimizers()
+        if self._trainer is None:
+            return optimizer
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, total=total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    @torch.no_grad()
+    def streams_loss(self, loader) -> tuple[float, int]:
+        """(summed loss in nats, predictions) over a stream loader (pipeline.datasets.streams, `first` in every
+        batch): each row's state carried from window to window, exactly as validation during training reads the
+        val text, so the number equals the epoch's val_loss. Eval mode for the duration."""
+        was_training = self.training
+        self.eval()
+        self._carried.pop("val", None)
+        total, count = 0.0, 0
+        try:
+            for batch in loader:
+                s, n = self.loss_terms({k: v.to(self.device) for k, v in batch.items()})
+                total, count = total + float(s), count + int(n)
+        finally:
+            self.train(was_training)
+            self._carried.pop("val", None)
+        return total, count
+
+    @torch.no_grad()
+    def text_loss(self, ids: np.ndarray | Tensor, block: int = EVAL_BLOCK) -> tuple[float, int]:
+        """(summed loss in nats, predictions) of the text `ids` (n,) read in one piece: characters 1..n-1, each
+        predicted from everything before it (the state carried across forward calls of `block` characters;
+        exactly one pass over the whole text). Eval mode for the duration."""
+        ids = torch.as_tensor(np.asarray(ids), dtype=torch.long, device=self.device)
+        was_training, state = self.training, None
+        self.eval()
+        total, count = 0.0, 0
+        try:
+            for start in range(0, len(ids) - 1, block):
+                x, y = ids[start : start + block][None], ids[start + 1 : start + block + 1][None]
+                x = x[:, : y.shape[1]]
+                logits, state = self(x, state)
+                s, n = masked_cross_entropy(logits, y)
+                total, count = total + float(s), count + int(n)
+        finally:
+            self.train(was_training)
+        return total, count
 
     def trace(self, batch):
         return self.lstm(self.embed(batch["x"]), return_gates=True)[2]
@@ -74,11 +169,19 @@ class CharLMTopology(Topology):
         return frozenset({"model.embedding_dim", "train.block_size"})
 
     def evaluate(self, model, dm, split, plots, samples):
-        """Loss (nats per character) and bits per character on held-out text; samples from a few primes."""
-        loss = evaluation.token_loss(model, dm, split)
+        """Loss (nats per character) and bits per character on held-out text read with carried state, as
+        validation during training reads it (train.batch_size consecutive streams, CharLM.streams_loss: equal to
+        the best checkpoint's val_loss). Beside it `loss_one_piece`, the whole text in one pass
+        (CharLM.text_loss), and `loss_zero_state`, non-overlapping windows of train.block_size each from a zero
+        state (the old reading). Samples from a few primes."""
         ids = {s: np.load(dm.data_dir / f"{s}.npz")["ids"] for s in ("train", split)}
+        total, count = model.streams_loss(dm.stream_loader(split))
+        loss = total / count
+        one_total, one_count = model.text_loss(ids[split])
         base = evaluation.unigram_nll(ids["train"], ids[split], len(dm.vocab["chars"]))
-        metrics = {"loss": loss, "bits_per_char": loss / math.log(2), "perplexity": math.exp(loss)}
+        metrics = {"loss": loss, "bits_per_char": loss / math.log(2), "perplexity": math.exp(loss),
+                   "loss_one_piece": one_total / one_count,
+                   "loss_zero_state": evaluation.token_loss(model, dm, split)}
         chars = dm.vocab["chars"]
         primes = [p for p in SAMPLE_PRIMES if set(p) <= set(chars)]
         if not primes:  # another text: its held-out part's first characters
