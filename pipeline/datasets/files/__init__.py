@@ -1,0 +1,221 @@
+"""Users' own files as task data: readers that produce the `Prepared` a built-in task of the same topology
+produces, so the topology's model, training, evaluation and serving take them unchanged.
+
+A task declares its topology and `data.source`, a path relative to the repository root (where DVC runs);
+the format follows from the topology (for many_to_one from the source: a folder or a `.ts` file is series,
+anything else a CSV of texts), or is named by `data.format`. Every format reads UTF-8 (a leading byte-order
+mark is dropped, Windows line ends become "\\n"). Splits are drawn with `seed` (the same seed gives the same
+arrays byte for byte); classifiers' splits are stratified by label. Labels are strings, sorted with numbers
+by value ("2" before "10"); vocab["labels"] keeps them.
+
+    format         topology      source
+    text           char_lm       a UTF-8 text file, or a folder: every `*.txt` under it (subfolders too) joined
+                                 in sorted path order, a "\\n" added after a file that lacks one. Contiguous
+                                 split: the last val_fraction of the characters is val (test repeats val, as for
+                                 charlm). Knobs: val_fraction (0.1), max_chars (none: all).
+    labelled_text  many_to_one   a CSV with a header: a text column and a label column; other columns ignored.
+                                 Tokenized like the sentiment task (lowercased words, each punctuation mark a
+                                 token); the vocabulary comes from train (<pad> 0, <unk> 1). Knobs: text_column
+                                 ("text"), label_column ("label"), delimiter (tab for .tsv, else ","),
+                                 max_tokens (64), min_count (2), max_vocab (20000), val/test_fraction (0.1).
+    series         many_to_one   a folder with one subfolder per label holding `.npy` series, each (T,) or
+                                 (T, channels), any length; or an aeon/sktime `.ts` file with class labels
+                                 (read by aeon.datasets.load_from_ts_file; unequal lengths and several channels
+                                 are fine). Trailing NaN steps are padding; a NaN inside a series is an error.
+                                 Standardised per channel with train statistics, zero-padded, as gesture.
+                                 Knobs: val/test_fraction (0.1).
+    pairs          seq2seq       a TSV (tab-separated), one pair a line: source text, target text (further
+                                 columns ignored), no header unless `header: true`. Knobs: tokens ("words":
+                                 lowercased words and punctuation marks as translation; "chars": every character,
+                                 spaces too), source_column (0), target_column (1) (names if header: true),
+                                 header (false), min_count (1), val/test_fraction (0.1). Vocabularies from train:
+                                 <pad> 0, <unk> 1, <bos> 2, <eos> 3; vocab["tokenizer"] records `tokens`.
+    steps          many_to_many  a CSV with a header, one row per step: a sequence id column, a label column and
+                                 numeric feature columns. A sequence's steps are its rows in file order (or sorted
+                                 by `order_column`); its rows need not be adjacent. Sequences are split at random;
+                                 features standardised per column with the training steps' statistics. Knobs:
+                                 sequence_column ("sequence"), label_column ("label"), order_column (none),
+                                 feature_columns (none: every other column), delimiter (","), val/test_fraction.
+    table          one_to_one    a CSV with a header: numeric feature columns and a label column. Features
+                                 standardised with the training rows' mean and std (kept in vocab["mean"],
+                                 vocab["std"], with vocab["features"], the column names). Knobs: label_column
+                                 ("label"), feature_columns (none: every other column), delimiter (","),
+                                 val/test_fraction (0.1).
+
+Errors are `PipelineError`s of one line naming the file (and the column and line): a missing file or
+column, an empty file, bytes that are not UTF-8, a label column with one class, a feature that is not a
+finite number, rows too few for the splits. `prepare` writes nothing on an error (pipeline.atomic).
+
+The manifest's `source` holds the path as given, the format, its sha256 and size in bytes (a folder: the
+hash of its files' relative paths and hashes), the columns used; the stats hold row, character or sequence
+counts and class counts; `prepare` adds the vocabulary sizes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, model_validator
+
+from pipeline.config import ConfigError, PipelineError, Section
+from pipeline.datasets.prepared import Prepared
+
+Fraction = Field(0.1, ge=0.0, lt=1.0)
+
+
+class FileData(Section):
+    source: str = Field(min_length=1)  # relative to the repository root
+    val_fraction: float = Fraction
+
+    def build(self, seed: int) -> Prepared:
+        raise NotImplementedError
+
+
+class SplitFileData(FileData):
+    test_fraction: float = Fraction
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_data(self):
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError("val_fraction + test_fraction must leave at least 10% for training")
+        return self
+
+
+class TextData(FileData):  # no test_fraction: the char LM is evaluated on val (test repeats it)
+    format: Literal["text"] = "text"
+    max_chars: int | None = Field(None, gt=3)
+
+    def build(self, seed: int) -> Prepared:
+        from pipeline.datasets.files.text import build_corpus
+
+        return build_corpus(self, seed)
+
+
+class LabelledTextData(SplitFileData):
+    format: Literal["labelled_text"] = "labelled_text"
+    text_column: str = "text"
+    label_column: str = "label"
+    delimiter: str | None = Field(None, min_length=1, max_length=1)  # None: tab for a .tsv file, else ","
+    max_tokens: int = Field(64, gt=0)
+    min_count: int = Field(2, ge=1)  # rarer words map to <unk>
+    max_vocab: int = Field(20000, gt=2)
+
+    @property
+    def separator(self) -> str:
+        return self.delimiter or ("\t" if self.source.lower().endswith(".tsv") else ",")
+
+    def build(self, seed: int) -> Prepared:
+        from pipeline.datasets.files.text import build_labelled_text
+
+        return build_labelled_text(self, seed)
+
+
+class SeriesData(SplitFileData):
+    format: Literal["series"] = "series"
+
+    def build(self, seed: int) -> Prepared:
+        from pipeline.datasets.files.numeric import build_series
+
+        return build_series(self, seed)
+
+
+class PairsData(SplitFileData):
+    format: Literal["pairs"] = "pairs"
+    tokens: Literal["words", "chars"] = "words"
+    header: bool = False
+    source_column: int | str = 0  # a 0-based position, or a header name with header: true
+    target_column: int | str = 1
+    min_count: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _names_need_a_header(self):
+        for knob in ("source_column", "target_column"):
+            if isinstance(getattr(self, knob), str) and not self.header:
+                raise ValueError(f"{knob} is a name: set header: true, or give the column's 0-based position")
+        return self
+
+    def build(self, seed: int) -> Prepared:
+        from pipeline.datasets.files.text import build_pairs
+
+        return build_pairs(self, seed)
+
+
+class StepsData(SplitFileData):
+    format: Literal["steps"] = "steps"
+    sequence_column: str = "sequence"
+    label_column: str = "label"
+    order_column: str | None = None  # None: the file's order
+    feature_columns: list[str] | None = Field(None, min_length=1)  # None: every other column
+    delimiter: str = Field(",", min_length=1, max_length=1)
+
+    def build(self, seed: int) -> Prepared:
+        from pipeline.datasets.files.numeric import build_steps
+
+        return build_steps(self, seed)
+
+
+class TableData(SplitFileData):
+    format: Literal["table"] = "table"
+    label_column: str = "label"
+    feature_columns: list[str] | None = Field(None, min_length=1)  # None: every other column
+    delimiter: str = Field(",", min_length=1, max_length=1)
+
+    def build(self, seed: int) -> Prepared:
+        from pipeline.datasets.files.numeric import build_table
+
+        return build_table(self, seed)
+
+
+FORMATS: dict[str, type[FileData]] = {cls.model_fields["format"].default: cls for cls in (
+    TextData, LabelledTextData, SeriesData, PairsData, StepsData, TableData)}
+TOPOLOGY: dict[str, tuple[str, ...]] = {  # topology -> the formats it reads, the default first
+    "char_lm": ("text",),
+    "many_to_one": ("labelled_text", "series"),
+    "seq2seq": ("pairs",),
+    "many_to_many": ("steps",),
+    "one_to_one": ("table",),
+}
+
+
+def default_format(topology: str, source: str) -> str:
+    """The format a source is read in when `data.format` is not set: many_to_one reads a folder or a .ts
+    file as series, anything else as a CSV of texts; every other topology has one format."""
+    formats = TOPOLOGY.get(topology)
+    if formats is None:
+        raise ConfigError(f"topology {topology} reads no user files; those that do: {', '.join(TOPOLOGY)}")
+    if topology == "many_to_one":
+        path = Path(source)
+        return "series" if path.suffix.lower() == ".ts" or path.is_dir() or not path.suffix else "labelled_text"
+    return formats[0]
+
+
+def data_params(topology: str, raw: object, where: str = "data") -> FileData:
+    """A task's `data` section ({source, [format], knobs}) validated against its format's schema.
+
+    Raises ConfigError in one line: an unknown format, a format the topology cannot read, an unknown knob
+    (each format refuses the knobs it does not read), a bad value."""
+    if not isinstance(raw, dict) or not raw.get("source"):
+        raise ConfigError(f"{where}.source: required, the path of the task's file or folder")
+    fmt = raw.get("format") or default_format(topology, str(raw["source"]))
+    if fmt not in FORMATS:
+        raise ConfigError(f"{where}.format: unknown format {fmt!r}; known: {', '.join(FORMATS)}")
+    if fmt not in TOPOLOGY.get(topology, ()):
+        raise ConfigError(f"{where}.format: {topology} does not read {fmt!r}; it reads "
+                          f"{', '.join(TOPOLOGY.get(topology, ())) or 'no user files'}")
+    try:
+        return FORMATS[fmt].model_validate({**raw, "format": fmt})
+    except ValidationError as err:
+        first = err.errors()[0]
+        knob = ".".join(str(p) for p in first["loc"])
+        msg = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            msg = f"the {fmt} format has no knob {knob!r}; its knobs: {', '.join(FORMATS[fmt].model_fields)}"
+        raise ConfigError(f"{where}.{knob}: {msg}" if knob else f"{where}: {msg}") from None
+
+
+def build(cfg: FileData, seed: int) -> Prepared:
+    """The `Prepared` of a user source: pipeline.prepare calls it as it calls a built-in data module's."""
+    if not isinstance(cfg, FileData):
+        raise PipelineError(f"not a user-file data section: {type(cfg).__name__}")
+    return cfg.build(seed)

@@ -1,0 +1,177 @@
+"""Text sources: a corpus for the char LM, labelled texts for a classifier, sentence pairs for seq2seq."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import PipelineError
+from pipeline.datasets import sentiment, translation
+from pipeline.datasets.common import pad
+from pipeline.datasets.files.reading import (
+    decode,
+    fingerprint,
+    read_bytes,
+    read_table,
+    require_folder,
+    splits,
+)
+from pipeline.datasets.prepared import Prepared
+
+# --- char_lm: a text file or a folder of .txt files ---------------------------------------------------
+
+
+def corpus_files(source: Path) -> list[Path]:
+    """The file itself, or every `*.txt` under the folder (subfolders too), sorted by relative path."""
+    if source.is_dir():
+        files = sorted((p for p in source.rglob("*.txt") if p.is_file()),
+                       key=lambda p: p.relative_to(source).as_posix())
+        if not files:
+            raise PipelineError(f"{source}: no .txt files in the folder")
+        return files
+    return [source]
+
+
+def read_corpus(source: Path, max_chars: int | None) -> tuple[str, dict]:
+    """The text (files joined, a "\\n" added after a file that does not end with one), its source entry."""
+    if not source.exists():
+        require_folder(source)  # the not-found message
+    files = corpus_files(source)
+    contents = [read_bytes(f) for f in files]
+    parts = [decode(f, data) for f, data in zip(files, contents)]
+    text = "".join(p if p.endswith("\n") else p + "\n" for p in parts)[:max_chars]
+    return text, fingerprint(source, "text", files, contents)
+
+
+def build_corpus(cfg, seed: int) -> Prepared:
+    """`seed` is unused: the split is contiguous (the last val_fraction of the text is val), nothing is drawn."""
+    source = Path(cfg.source)
+    text, entry = read_corpus(source, cfg.max_chars)
+    chars = sorted(set(text))
+    lookup = np.zeros(max(map(ord, chars)) + 1, dtype=np.int64)
+    lookup[[ord(c) for c in chars]] = np.arange(len(chars))
+    ids = lookup[np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)]
+    cut = int(round(len(ids) * (1 - cfg.val_fraction)))
+    if cut < 2 or len(ids) - cut < 2:
+        raise PipelineError(f"{source}: {len(ids)} characters are too few for val_fraction={cfg.val_fraction} "
+                            "(train and val need at least 2 characters each)")
+    val = ids[cut:]
+    return Prepared(
+        splits={"train": {"ids": ids[:cut]}, "val": {"ids": val}, "test": {"ids": val.copy()}},
+        vocab={"chars": chars},
+        source={**entry, "what": "the user's text"},
+        stats={"unit": "characters", "characters": len(ids), "lines": text.count("\n"), "test_is_val": True},
+    )
+
+
+# --- many_to_one: a CSV of texts and labels -------------------------------------------------------------
+
+
+def build_labelled_text(cfg, seed: int) -> Prepared:
+    """Tokenized like the sentiment task (lowercased words and punctuation marks), vocabulary from train."""
+    source = Path(cfg.source)
+    table = read_table(source, cfg.separator)
+    text_col = table.index(cfg.text_column, "data.text_column")
+    label_col = table.index(cfg.label_column, "data.label_column")
+    texts = [" ".join(t.split()) for t in table.cells(text_col)]
+    y, labels = table.labels(label_col)
+    rng = np.random.default_rng(seed)
+    parts = splits(source, len(y), "rows", cfg.val_fraction, cfg.test_fraction, rng, labels=y)
+    tokens = sentiment.build_vocab([texts[i] for i in parts["train"]], cfg.min_count, cfg.max_vocab)
+    index = sentiment.token_index({"tokens": tokens})
+    arrays = {}
+    for split, idx in parts.items():
+        ids, lengths = pad([sentiment.encode(texts[i], index, cfg.max_tokens) for i in idx])
+        arrays[split] = {"tokens": ids, "lengths": lengths, "y": y[idx]}
+    return Prepared(
+        splits=arrays,
+        vocab={"tokens": tokens, "labels": labels},
+        source={**fingerprint(source, "labelled_text", [source]), "what": "the user's labelled texts",
+                "columns": {"text": table.header[text_col], "label": table.header[label_col]}},
+        stats={"unit": "texts", "rows": len(y), "class_counts": _class_counts(y, labels),
+               "unk_rate": sentiment._unk_rate(arrays)},
+    )
+
+
+def _class_counts(y: np.ndarray, labels: list[str]) -> dict[str, int]:
+    counts = np.bincount(y, minlength=len(labels))
+    return {name: int(c) for name, c in zip(labels, counts)}
+
+
+# --- seq2seq: a TSV of source and target texts ------------------------------------------------------------
+
+
+def char_tokens(text: str) -> list[str]:
+    """Every character a token, spaces too: "la vie" -> ["l", "a", " ", "v", "i", "e"]."""
+    return list(text)
+
+
+TOKENIZERS: dict[str, tuple[Callable[[str], list[str]], Callable[[list[str]], str]]] = {
+    "words": (translation.tokenize, translation.detokenize),  # lowercased words, each punctuation mark apart
+    "chars": (char_tokens, "".join),
+}
+
+
+def tokenizer(vocab: Mapping) -> tuple[Callable[[str], list[str]], Callable[[list[str]], str]]:
+    """(tokenize, detokenize) a seq2seq vocabulary was built with: vocab["tokenizer"], words by default."""
+    return TOKENIZERS[vocab.get("tokenizer", "words")]
+
+
+def encode_source(text: str, vocab: Mapping) -> list[int]:
+    """Source ids of `text` under the vocabulary's tokenizer (unknown tokens -> <unk>), no <bos>/<eos>."""
+    tokenize, _ = tokenizer(vocab)
+    index = {tok: i for i, tok in enumerate(vocab["src_tokens"])}
+    return [index.get(tok, index[translation.UNK]) for tok in tokenize(text)]
+
+
+def decode_target(ids: list[int], vocab: Mapping) -> str:
+    """Target ids (no <bos>/<eos>) back to text under the vocabulary's tokenizer."""
+    _, detokenize = tokenizer(vocab)
+    words = vocab["tgt_tokens"]
+    return detokenize([words[i] for i in ids])
+
+
+def _vocab(token_lists: list[list[str]], min_count: int) -> list[str]:
+    counts = Counter(tok for tokens in token_lists for tok in tokens)
+    return translation.SPECIALS + sorted(tok for tok, c in counts.items() if c >= min_count
+                                         and tok not in translation.SPECIALS)
+
+
+def build_pairs(cfg, seed: int) -> Prepared:
+    source = Path(cfg.source)
+    table = read_table(source, "\t", header=cfg.header)
+    src_col = table.index(cfg.source_column, "data.source_column")
+    tgt_col = table.index(cfg.target_column, "data.target_column")
+    tokenize, _ = TOKENIZERS[cfg.tokens]
+    src_tokens = [tokenize(t.strip()) for t in table.cells(src_col)]
+    tgt_tokens = [tokenize(t.strip()) for t in table.cells(tgt_col)]
+    for name, col, toks in (("source", src_col, src_tokens), ("target", tgt_col, tgt_tokens)):
+        empty = next((i for i, t in enumerate(toks) if not t), None)
+        if empty is not None:
+            raise PipelineError(f"{source}: column {table.name(col)}, line {table.lines[empty]}: empty {name} text")
+    rng = np.random.default_rng(seed)
+    parts = splits(source, len(src_tokens), "pairs", cfg.val_fraction, cfg.test_fraction, rng)
+    vocab = {
+        "src_tokens": _vocab([src_tokens[i] for i in parts["train"]], cfg.min_count),
+        "tgt_tokens": _vocab([tgt_tokens[i] for i in parts["train"]], cfg.min_count),
+        "tokenizer": cfg.tokens,
+    }
+    src_index = {t: i for i, t in enumerate(vocab["src_tokens"])}
+    tgt_index = {t: i for i, t in enumerate(vocab["tgt_tokens"])}
+    unk, bos, eos = (tgt_index[t] for t in (translation.UNK, translation.BOS, translation.EOS))
+    arrays = {}
+    for split, idx in parts.items():
+        src, src_lengths = pad([[src_index.get(t, unk) for t in src_tokens[i]] for i in idx])
+        tgt, tgt_lengths = pad([[bos, *(tgt_index.get(t, unk) for t in tgt_tokens[i]), eos] for i in idx])
+        arrays[split] = {"src": src, "src_lengths": src_lengths, "tgt": tgt, "tgt_lengths": tgt_lengths,
+                         "line": np.asarray([table.lines[i] for i in idx], dtype=np.int64)}
+    return Prepared(
+        splits=arrays,
+        vocab=vocab,
+        source={**fingerprint(source, "pairs", [source]), "what": "the user's source/target pairs",
+                "columns": {"source": table.header[src_col], "target": table.header[tgt_col]}},
+        stats={"unit": "pairs", "rows": len(src_tokens), "tokenizer": cfg.tokens},
+    )
