@@ -162,6 +162,22 @@ def test_every_format_builds_the_topologys_arrays(case, tmp_path):
     fmt = data.source["format"]
     assert fmt.startswith(case.split("_")[0]) or fmt == case
     assert len(data.source["sha256"]) == 64 and data.source["bytes"] > 0
+    assert data.source["path"] == CASES[case][1](tmp_path)["source"]  # as written in params.yaml
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_examples_are_two_inputs_in_raw_units(case, tmp_path):
+    topology, section, _ = CASES[case]
+    cfg = files.data_params(topology, section(tmp_path))
+    example = files.example(cfg)
+    if isinstance(example, np.ndarray):  # series: (2, T, C) float64, NaN after each series' end
+        data = files.build(cfg, 0)
+        assert example.shape[0] == 2 and example.dtype == np.float64
+        assert example.shape[2] == len(data.vocab["mean"])
+        assert np.isfinite(example[:, 0]).all()
+    else:
+        assert list(example.columns) in (["prime", "length"], ["text"], ["x1", "x2"])
+        assert len(example) in (1, 2) and example.notna().all().all()
 
 
 def test_text_is_the_file_split_contiguously(tmp_path):
@@ -279,6 +295,11 @@ def test_steps_group_interleaved_rows_in_order_column_order(tmp_path):
             assert np.array_equal(y[:n], np.where(raw[:, 0] > 0, 0, 1))  # "hi" = 0 where a > 0
             assert np.allclose(raw[:, 1], raw[:, 0] * 2 + 1, atol=1e-3)
     assert got == expected
+    cfg = files.data_params("many_to_many", {**CASES["steps"][1](tmp_path)})
+    example = files.example(cfg)  # the first two sequences of the file, raw, in `t` order, NaN-padded
+    for row, seq in zip(example, list(by_seq)[:2]):
+        want = [float(r["a"]) for r in sorted(by_seq[seq], key=lambda r: int(r["t"]))]
+        assert np.allclose(row[: len(want), 0], want) and np.isnan(row[len(want):]).all()
 
 
 def test_table_is_standardised_with_train_statistics_only(tmp_path):
@@ -458,7 +479,7 @@ def test_params_refuse_unknown_knobs_formats_and_fractions(tmp_path):
         files.data_params("one_to_one", {"label_column": "y"})
     with pytest.raises(ConfigError, match=r"leave at least 10%"):
         files.data_params("one_to_one", {"source": "a.csv", "val_fraction": 0.5, "test_fraction": 0.4})
-    with pytest.raises(ConfigError, match=r"one_to_many reads no user files"):
+    with pytest.raises(ConfigError, match=r"one_to_many takes no file source"):
         files.data_params("one_to_many", {"source": "a.csv"})
     with pytest.raises(ConfigError, match=r"source_column is a name: set header: true"):
         files.data_params("seq2seq", {"source": "a.tsv", "source_column": "en"})

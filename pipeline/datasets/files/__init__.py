@@ -53,8 +53,9 @@ counts and class counts; `prepare` adds the vocabulary sizes.
 
 from __future__ import annotations
 
+from importlib import import_module
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
@@ -68,8 +69,16 @@ class FileData(Section):
     source: str = Field(min_length=1)  # relative to the repository root
     val_fraction: float = Fraction
 
-    def build(self, seed: int) -> Prepared:
+    inputs: ClassVar[str] = "features"  # "tokens": the model embeds token ids (model.embedding_dim applies)
+
+    def read(self, seed: int, path: Path) -> Prepared:
+        """The Prepared of the file or folder at `path` (data.source resolved)."""
         raise NotImplementedError
+
+    def example(self, path: Path):
+        """Two inputs from the user's data as the served model's predict takes them (MLflow's input example)."""
+        module, function = EXAMPLES[self.model_fields["format"].default].split(":")
+        return getattr(import_module(f"pipeline.datasets.files.{module}"), function)(self, path)
 
 
 class SplitFileData(FileData):
@@ -84,16 +93,18 @@ class SplitFileData(FileData):
 
 class TextData(FileData):  # no test_fraction: the char LM is evaluated on val (test repeats it)
     format: Literal["text"] = "text"
+    inputs: ClassVar[str] = "tokens"
     max_chars: int | None = Field(None, gt=3)
 
-    def build(self, seed: int) -> Prepared:
+    def read(self, seed: int, path: Path) -> Prepared:
         from pipeline.datasets.files.text import build_corpus
 
-        return build_corpus(self, seed)
+        return build_corpus(self, seed, path)
 
 
 class LabelledTextData(SplitFileData):
     format: Literal["labelled_text"] = "labelled_text"
+    inputs: ClassVar[str] = "tokens"
     text_column: str = "text"
     label_column: str = "label"
     delimiter: str | None = Field(None, min_length=1, max_length=1)  # None: tab for a .tsv file, else ","
@@ -105,23 +116,24 @@ class LabelledTextData(SplitFileData):
     def separator(self) -> str:
         return self.delimiter or ("\t" if self.source.lower().endswith(".tsv") else ",")
 
-    def build(self, seed: int) -> Prepared:
+    def read(self, seed: int, path: Path) -> Prepared:
         from pipeline.datasets.files.text import build_labelled_text
 
-        return build_labelled_text(self, seed)
+        return build_labelled_text(self, seed, path)
 
 
 class SeriesData(SplitFileData):
     format: Literal["series"] = "series"
 
-    def build(self, seed: int) -> Prepared:
+    def read(self, seed: int, path: Path) -> Prepared:
         from pipeline.datasets.files.numeric import build_series
 
-        return build_series(self, seed)
+        return build_series(self, seed, path)
 
 
 class PairsData(SplitFileData):
     format: Literal["pairs"] = "pairs"
+    inputs: ClassVar[str] = "tokens"
     tokens: Literal["words", "chars"] = "words"
     header: bool = False
     source_column: int | str = 0  # a 0-based position, or a header name with header: true
@@ -135,10 +147,10 @@ class PairsData(SplitFileData):
                 raise ValueError(f"{knob} is a name: set header: true, or give the column's 0-based position")
         return self
 
-    def build(self, seed: int) -> Prepared:
+    def read(self, seed: int, path: Path) -> Prepared:
         from pipeline.datasets.files.text import build_pairs
 
-        return build_pairs(self, seed)
+        return build_pairs(self, seed, path)
 
 
 class StepsData(SplitFileData):
@@ -149,10 +161,10 @@ class StepsData(SplitFileData):
     feature_columns: list[str] | None = Field(None, min_length=1)  # None: every other column
     delimiter: str = Field(",", min_length=1, max_length=1)
 
-    def build(self, seed: int) -> Prepared:
+    def read(self, seed: int, path: Path) -> Prepared:
         from pipeline.datasets.files.numeric import build_steps
 
-        return build_steps(self, seed)
+        return build_steps(self, seed, path)
 
 
 class TableData(SplitFileData):
@@ -161,14 +173,17 @@ class TableData(SplitFileData):
     feature_columns: list[str] | None = Field(None, min_length=1)  # None: every other column
     delimiter: str = Field(",", min_length=1, max_length=1)
 
-    def build(self, seed: int) -> Prepared:
+    def read(self, seed: int, path: Path) -> Prepared:
         from pipeline.datasets.files.numeric import build_table
 
-        return build_table(self, seed)
+        return build_table(self, seed, path)
 
 
 FORMATS: dict[str, type[FileData]] = {cls.model_fields["format"].default: cls for cls in (
     TextData, LabelledTextData, SeriesData, PairsData, StepsData, TableData)}
+EXAMPLES = {"text": "text:example_corpus", "labelled_text": "text:example_labelled_text",
+            "pairs": "text:example_pairs", "series": "numeric:example_series", "steps": "numeric:example_steps",
+            "table": "numeric:example_table"}
 TOPOLOGY: dict[str, tuple[str, ...]] = {  # topology -> the formats it reads, the default first
     "char_lm": ("text",),
     "many_to_one": ("labelled_text", "series"),
@@ -183,11 +198,25 @@ def default_format(topology: str, source: str) -> str:
     file as series, anything else as a CSV of texts; every other topology has one format."""
     formats = TOPOLOGY.get(topology)
     if formats is None:
-        raise ConfigError(f"topology {topology} reads no user files; those that do: {', '.join(TOPOLOGY)}")
+        raise ConfigError(f"{topology} takes no file source; those that do: {', '.join(TOPOLOGY)}")
     if topology == "many_to_one":
         path = Path(source)
         return "series" if path.suffix.lower() == ".ts" or path.is_dir() or not path.suffix else "labelled_text"
     return formats[0]
+
+
+def schema(topology: str, data: object = None, where: str = "data") -> type[FileData]:
+    """The pydantic model of a file source's `data` section: by `data["format"]` when set, else by the
+    topology (and for many_to_one by the source, see default_format). ConfigError for a topology that takes
+    no file, an unknown format or one the topology cannot read."""
+    raw = data if isinstance(data, dict) else {}
+    fmt = raw.get("format") or default_format(topology, str(raw.get("source") or ""))
+    if fmt not in FORMATS:
+        raise ConfigError(f"{where}.format: unknown format {fmt!r}; known: {', '.join(FORMATS)}")
+    if fmt not in TOPOLOGY.get(topology, ()):
+        raise ConfigError(f"{where}.format: {topology} does not read {fmt!r}; it reads "
+                          f"{', '.join(TOPOLOGY.get(topology, ())) or 'no user files'}")
+    return FORMATS[fmt]
 
 
 def data_params(topology: str, raw: object, where: str = "data") -> FileData:
@@ -197,25 +226,29 @@ def data_params(topology: str, raw: object, where: str = "data") -> FileData:
     (each format refuses the knobs it does not read), a bad value."""
     if not isinstance(raw, dict) or not raw.get("source"):
         raise ConfigError(f"{where}.source: required, the path of the task's file or folder")
-    fmt = raw.get("format") or default_format(topology, str(raw["source"]))
-    if fmt not in FORMATS:
-        raise ConfigError(f"{where}.format: unknown format {fmt!r}; known: {', '.join(FORMATS)}")
-    if fmt not in TOPOLOGY.get(topology, ()):
-        raise ConfigError(f"{where}.format: {topology} does not read {fmt!r}; it reads "
-                          f"{', '.join(TOPOLOGY.get(topology, ())) or 'no user files'}")
+    cls = schema(topology, raw, where)
     try:
-        return FORMATS[fmt].model_validate({**raw, "format": fmt})
+        return cls.model_validate(raw)
     except ValidationError as err:
         first = err.errors()[0]
         knob = ".".join(str(p) for p in first["loc"])
         msg = first["msg"].removeprefix("Value error, ")
         if first["type"] == "extra_forbidden":
-            msg = f"the {fmt} format has no knob {knob!r}; its knobs: {', '.join(FORMATS[fmt].model_fields)}"
+            fmt = cls.model_fields["format"].default
+            msg = f"the {fmt} format has no knob {knob!r}; its knobs: {', '.join(cls.model_fields)}"
         raise ConfigError(f"{where}.{knob}: {msg}" if knob else f"{where}: {msg}") from None
 
 
-def build(cfg: FileData, seed: int) -> Prepared:
-    """The `Prepared` of a user source: pipeline.prepare calls it as it calls a built-in data module's."""
+def build(cfg: FileData, seed: int, path: str | Path | None = None) -> Prepared:
+    """The `Prepared` of a user source; `path` is data.source resolved (default: data.source as it is).
+    The manifest's source path is data.source as written in params.yaml."""
     if not isinstance(cfg, FileData):
         raise PipelineError(f"not a user-file data section: {type(cfg).__name__}")
-    return cfg.build(seed)
+    prepared = cfg.read(seed, Path(cfg.source) if path is None else Path(path))
+    prepared.source = {**prepared.source, "path": cfg.source}
+    return prepared
+
+
+def example(cfg: FileData, path: str | Path | None = None):
+    """MLflow's input example for a model trained on this source: two inputs in the units predict takes."""
+    return cfg.example(Path(cfg.source) if path is None else Path(path))

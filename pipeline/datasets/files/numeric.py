@@ -82,9 +82,9 @@ def _ts_file(source: Path) -> tuple[list[np.ndarray], list[str], list[Path]]:
     return series, [str(v) for v in y], [source]
 
 
-def build_series(cfg, seed: int) -> Prepared:
+def build_series(cfg, seed: int, path: Path) -> Prepared:
     """x (N, T, C) float32 standardised per channel and zero-padded, lengths (N,), y (N,): as the gesture task."""
-    source = Path(cfg.source)
+    source = path
     if source.suffix.lower() == ".ts" and not source.is_dir():
         series, names, files = _ts_file(source)
         fmt = "series_ts"
@@ -133,9 +133,9 @@ def _features(table: Table, exclude: list[int], names: list[str] | None) -> list
     return columns
 
 
-def build_steps(cfg, seed: int) -> Prepared:
+def build_steps(cfg, seed: int, path: Path) -> Prepared:
     """x (N, T, C) float32, y (N, T) int64, lengths (N,): one sequence per sequence id, as the activity task."""
-    source = Path(cfg.source)
+    source = path
     table = read_table(source, cfg.delimiter)
     seq_col = table.index(cfg.sequence_column, "data.sequence_column")
     label_col = table.index(cfg.label_column, "data.label_column")
@@ -177,9 +177,9 @@ def build_steps(cfg, seed: int) -> Prepared:
 # --- one_to_one: a tabular CSV ----------------------------------------------------------------------------
 
 
-def build_table(cfg, seed: int) -> Prepared:
+def build_table(cfg, seed: int, path: Path) -> Prepared:
     """x (N, F) float32 standardised with the training rows' statistics, y (N,) int64."""
-    source = Path(cfg.source)
+    source = path
     table = read_table(source, cfg.delimiter)
     label_col = table.index(cfg.label_column, "data.label_column")
     columns = _features(table, [label_col], cfg.feature_columns)
@@ -198,3 +198,46 @@ def build_table(cfg, seed: int) -> Prepared:
         stats={"unit": "rows", "rows": len(y), "features": len(columns),
                "class_counts": {n: int(c) for n, c in zip(labels, np.bincount(y, minlength=len(labels)))}},
     )
+
+
+# --- input examples: what the served model's predict takes, in raw units ------------------------------
+
+
+def _nan_padded(series: list[np.ndarray]) -> np.ndarray:
+    """(N, T_max, C) float64, each series followed by NaN steps: the serving contract's padding."""
+    x = np.full((len(series), max(len(s) for s in series), series[0].shape[1]), np.nan)
+    for row, s in zip(x, series):
+        row[: len(s)] = s
+    return x
+
+
+def example_series(cfg, path: Path) -> np.ndarray:
+    """The first two series (file order; a folder: by label, then name), NaN-padded: (2, T, C) float64."""
+    series, _, _ = _ts_file(path) if path.suffix.lower() == ".ts" and not path.is_dir() else _npy_folder(path)
+    return _nan_padded(series[:2])
+
+
+def example_steps(cfg, path: Path) -> np.ndarray:
+    """The first two sequences' raw features in step order, NaN-padded: (2, T, C) float64."""
+    table = read_table(path, cfg.delimiter)
+    seq_col = table.index(cfg.sequence_column, "data.sequence_column")
+    label_col = table.index(cfg.label_column, "data.label_column")
+    order_col = table.index(cfg.order_column, "data.order_column") if cfg.order_column is not None else None
+    columns = _features(table, [seq_col, label_col] + ([order_col] if order_col is not None else []),
+                        cfg.feature_columns)
+    features = np.stack([table.numbers(c) for c in columns], axis=1)
+    ids = [c.strip() for c in table.cells(seq_col)]
+    order = table.numbers(order_col) if order_col is not None else np.arange(len(ids), dtype=np.float64)
+    first = list(dict.fromkeys(ids))[:2]
+    rows = [np.flatnonzero(np.asarray(ids) == value) for value in first]
+    return _nan_padded([features[r[np.argsort(order[r], kind="stable")]] for r in rows])
+
+
+def example_table(cfg, path: Path):
+    """The first two rows' feature columns by name, in raw units: a DataFrame of float64."""
+    import pandas as pd
+
+    table = read_table(path, cfg.delimiter)
+    label_col = table.index(cfg.label_column, "data.label_column")
+    columns = _features(table, [label_col], cfg.feature_columns)
+    return pd.DataFrame({table.header[c]: table.numbers(c)[:2] for c in columns})

@@ -46,9 +46,9 @@ def read_corpus(source: Path, max_chars: int | None) -> tuple[str, dict]:
     return text, fingerprint(source, "text", files, contents)
 
 
-def build_corpus(cfg, seed: int) -> Prepared:
+def build_corpus(cfg, seed: int, path: Path) -> Prepared:
     """`seed` is unused: the split is contiguous (the last val_fraction of the text is val), nothing is drawn."""
-    source = Path(cfg.source)
+    source = path
     text, entry = read_corpus(source, cfg.max_chars)
     chars = sorted(set(text))
     lookup = np.zeros(max(map(ord, chars)) + 1, dtype=np.int64)
@@ -70,9 +70,9 @@ def build_corpus(cfg, seed: int) -> Prepared:
 # --- many_to_one: a CSV of texts and labels -------------------------------------------------------------
 
 
-def build_labelled_text(cfg, seed: int) -> Prepared:
+def build_labelled_text(cfg, seed: int, path: Path) -> Prepared:
     """Tokenized like the sentiment task (lowercased words and punctuation marks), vocabulary from train."""
-    source = Path(cfg.source)
+    source = path
     table = read_table(source, cfg.separator)
     text_col = table.index(cfg.text_column, "data.text_column")
     label_col = table.index(cfg.label_column, "data.label_column")
@@ -140,8 +140,8 @@ def _vocab(token_lists: list[list[str]], min_count: int) -> list[str]:
                                          and tok not in translation.SPECIALS)
 
 
-def build_pairs(cfg, seed: int) -> Prepared:
-    source = Path(cfg.source)
+def build_pairs(cfg, seed: int, path: Path) -> Prepared:
+    source = path
     table = read_table(source, "\t", header=cfg.header)
     src_col = table.index(cfg.source_column, "data.source_column")
     tgt_col = table.index(cfg.target_column, "data.target_column")
@@ -175,3 +175,33 @@ def build_pairs(cfg, seed: int) -> Prepared:
                 "columns": {"source": table.header[src_col], "target": table.header[tgt_col]}},
         stats={"unit": "pairs", "rows": len(src_tokens), "tokenizer": cfg.tokens},
     )
+
+
+# --- input examples: what the served model's predict takes, from the user's own data ----------------------
+
+
+def example_corpus(cfg, path: Path):
+    """A one-row generation request primed with the text's first line (at most 20 characters)."""
+    import pandas as pd
+
+    text, _ = read_corpus(path, cfg.max_chars)
+    prime = text.split("\n", 1)[0][:20] or text[:1]
+    return pd.DataFrame({"prime": [prime], "length": [40]})
+
+
+def example_labelled_text(cfg, path: Path):
+    """The first two texts of the file, as predict takes them: a DataFrame with a `text` column."""
+    import pandas as pd
+
+    table = read_table(path, cfg.separator)
+    column = table.index(cfg.text_column, "data.text_column")
+    return pd.DataFrame({"text": [" ".join(t.split()) for t in table.cells(column)[:2]]})
+
+
+def example_pairs(cfg, path: Path):
+    """The first two source texts: a DataFrame with a `text` column."""
+    import pandas as pd
+
+    table = read_table(path, "\t", header=cfg.header)
+    column = table.index(cfg.source_column, "data.source_column")
+    return pd.DataFrame({"text": [t.strip() for t in table.cells(column)[:2]]})
