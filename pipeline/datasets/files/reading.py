@@ -27,7 +27,7 @@ def show(value: str, limit: int = 30) -> str:
 
 def require_file(path: Path, what: str = "file") -> Path:
     if not path.exists():
-        raise PipelineError(f"{path}: {what} not found (data.source is read relative to the repository root)")
+        raise PipelineError(f"{path}: {what} not found (data.source)")
     if not path.is_file():
         raise PipelineError(f"{path}: not a file; this format reads one {what}")
     return path
@@ -35,7 +35,7 @@ def require_file(path: Path, what: str = "file") -> Path:
 
 def require_folder(path: Path) -> Path:
     if not path.exists():
-        raise PipelineError(f"{path}: folder not found (data.source is read relative to the repository root)")
+        raise PipelineError(f"{path}: folder not found (data.source)")
     if not path.is_dir():
         raise PipelineError(f"{path}: not a folder")
     return path

@@ -16,7 +16,6 @@ from pipeline.datasets.files.reading import (
     fingerprint,
     read_bytes,
     read_table,
-    require_folder,
     splits,
 )
 from pipeline.datasets.prepared import Prepared
@@ -38,7 +37,7 @@ def corpus_files(source: Path) -> list[Path]:
 def read_corpus(source: Path, max_chars: int | None) -> tuple[str, dict]:
     """The text (files joined, a "\\n" added after a file that does not end with one), its source entry."""
     if not source.exists():
-        require_folder(source)  # the not-found message
+        raise PipelineError(f"{source}: file or folder not found (data.source)")
     files = corpus_files(source)
     contents = [read_bytes(f) for f in files]
     parts = [decode(f, data) for f, data in zip(files, contents)]
