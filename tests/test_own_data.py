@@ -377,6 +377,10 @@ def test_missing_column_names_it_and_lists_the_columns(tmp_path):
     assert "'class'" in message and "data.label_column" in message
     message = error_of("seq2seq", {"source": str(pairs(tmp_path)), "target_column": 7})
     assert "no column 7" in message and "3 columns" in message
+    semicolons = tmp_path / "excel.csv"
+    semicolons.write_text("text;label\ngood;pos\n")
+    assert error_of("many_to_one", {"source": str(semicolons)}).endswith(
+        "the columns are 'text;label' (is the delimiter ';'? set data.delimiter)")
     message = error_of("many_to_many", {"source": str(steps(tmp_path)), "label_column": "activity"})
     assert "'sequence'" in message and "data.sequence_column" in message
 
@@ -422,8 +426,8 @@ def test_non_numeric_features_name_column_and_line(tmp_path):
     path = tmp_path / "t.csv"
     path.write_text("x1,x2,label\n1,2,a\n3,red,b\n4,5,a\n")
     assert error_of("one_to_one", {"source": str(path)}) == (
-        f"{path}: column 'x2', line 3: 'red' is not a finite number (feature columns must hold numbers; "
-        "drop the column or fill the cell)")
+        f"{path}: column 'x2', line 3: 'red' is not a finite number (features must be numbers: "
+        "fix the cell, or list the others in data.feature_columns)")
     path.write_text("x1,x2,label\n1,2,a\n3,,b\n4,5,a\n")
     assert "column 'x2', line 3: an empty cell" in error_of("one_to_one", {"source": str(path)})
     path.write_text("x1,x2,label\n1,2,a\n3,inf,b\n4,5,a\n")

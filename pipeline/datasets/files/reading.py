@@ -95,8 +95,10 @@ class Table:
                                     f"columns, numbered from 0")
             return name
         if name not in self.header:
+            hint = next((f" (is the delimiter {d!r}? set data.delimiter)" for d in (";", "\t", "|", ",")
+                         if len(self.header) == 1 and d in self.header[0]), "")
             raise PipelineError(f"{self.path}: no column {name!r} ({param}); the columns are "
-                                f"{', '.join(map(repr, self.header))}")
+                                f"{', '.join(map(repr, self.header))}{hint}")
         return self.header.index(name)
 
     def name(self, column: int) -> str:
@@ -126,7 +128,7 @@ class Table:
             cell = cells[bad].strip()
             what = "an empty cell" if not cell else f"{show(cell)} is not a finite number"
             raise PipelineError(f"{self.path}: column {self.name(column)}, line {self.lines[bad]}: {what} "
-                                "(feature columns must hold numbers; drop the column or fill the cell)")
+                                "(features must be numbers: fix the cell, or list the others in data.feature_columns)")
         return values
 
     def labels(self, column: int) -> tuple[np.ndarray, list[str]]:
