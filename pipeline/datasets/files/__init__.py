@@ -239,16 +239,25 @@ def data_params(topology: str, raw: object, where: str = "data") -> FileData:
         raise ConfigError(f"{where}.{knob}: {msg}" if knob else f"{where}: {msg}") from None
 
 
+def _shown(path: Path) -> Path:
+    """`path` relative to the working directory when it lies inside it: error messages name
+    data/own/reviews.csv, not the absolute path the caller resolved."""
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve())
+    except (ValueError, OSError):
+        return path
+
+
 def build(cfg: FileData, seed: int, path: str | Path | None = None) -> Prepared:
     """The `Prepared` of a user source; `path` is data.source resolved (default: data.source as it is).
     The manifest's source path is data.source as written in params.yaml."""
     if not isinstance(cfg, FileData):
         raise PipelineError(f"not a user-file data section: {type(cfg).__name__}")
-    prepared = cfg.read(seed, Path(cfg.source) if path is None else Path(path))
+    prepared = cfg.read(seed, _shown(Path(cfg.source) if path is None else Path(path)))
     prepared.source = {**prepared.source, "path": cfg.source}
     return prepared
 
 
 def example(cfg: FileData, path: str | Path | None = None):
     """MLflow's input example for a model trained on this source: two inputs in the units predict takes."""
-    return cfg.example(Path(cfg.source) if path is None else Path(path))
+    return cfg.example(_shown(Path(cfg.source) if path is None else Path(path)))
