@@ -454,6 +454,8 @@ def test_other_malformed_inputs(tmp_path):
     path.write_text("text,label\ngood,pos\nbad,neg,extra\n")
     assert error_of("many_to_one", {"source": str(path)}) == (
         f"{path}: line 3 has 3 fields, the header 2 (delimiter ',')")
+    path.write_text('text,label\n"two\nlines",pos\n\nbad,neg,extra\n')  # a quoted line break, a blank line
+    assert "line 5 has 3 fields" in error_of("many_to_one", {"source": str(path)})
     pairs_path = tmp_path / "p.tsv"
     pairs_path.write_text("hello\tbonjour\n\tvide\n")
     assert error_of("seq2seq", {"source": str(pairs_path)}) == f"{pairs_path}: column '0', line 2: empty source text"
