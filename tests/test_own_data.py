@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import ConfigError, PipelineError
+from pipeline.config import ConfigError, Params, PipelineError, parse_params
 from pipeline.datasets import files
 from pipeline.datasets.datamodule import PreparedDataModule
-from pipeline.datasets.files.text import decode_target, encode_source
 from pipeline.datasets.prepared import SPLITS, load_manifest, load_split, load_vocab, save_prepared
-from pipeline.prepare import vocab_sizes
+from pipeline.prepare import prepare, summary, vocab_sizes
+from pipeline.text import encode, encode_source, tokenizer
+from pipeline.topologies import get_topology
 
 WORDS = ["good", "great", "fine", "bad", "awful", "poor", "film", "plot", "the", "a", "was", "very"]
 
@@ -208,8 +209,6 @@ def test_text_folder_joins_txt_files_in_sorted_order(tmp_path):
 
 
 def test_labelled_text_is_tokenized_like_sentiment_with_a_train_vocabulary(tmp_path):
-    from pipeline.datasets import sentiment
-
     path = reviews(tmp_path)
     data = build("labelled_text", tmp_path, max_tokens=5)
     assert data.vocab["labels"] == ["neg", "pos"]
@@ -221,7 +220,7 @@ def test_labelled_text_is_tokenized_like_sentiment_with_a_train_vocabulary(tmp_p
     import csv
 
     first = next(csv.DictReader(path.open()))
-    encoded = sentiment.encode(first["review"], {"tokens": data.vocab["tokens"]}, 5)
+    encoded = encode(first["review"], {"tokens": data.vocab["tokens"]}, 5)
     found = [s for s in SPLITS if any(list(r[:n]) == encoded for r, n in zip(data.splits[s]["tokens"],
                                                                               data.splits[s]["lengths"]))]
     assert found
@@ -266,7 +265,7 @@ def test_pairs_round_trip_under_words_and_chars(tmp_path):
         if split == "train":  # every token known: the text comes back (lowercased by the words tokenizer)
             assert src == encode_source(first_src, vocab)
             expected = first_tgt.lower() if tokens == "words" else first_tgt
-            assert decode_target(tgt[1:-1], vocab) == expected
+            assert tokenizer(vocab)[1]([vocab["tgt_tokens"][t] for t in tgt[1:-1]]) == expected
     assert files.data_params("seq2seq", {"source": str(path), "header": True, "source_column": "a",
                                          "target_column": "b"}).header
 
@@ -475,11 +474,13 @@ def test_other_malformed_inputs(tmp_path):
 
 
 def test_params_refuse_unknown_knobs_formats_and_fractions(tmp_path):
-    with pytest.raises(ConfigError, match=r"data.test_fraction: the text format has no knob 'test_fraction'"):
+    text_knobs = r"^data: the text format has no knob 'test_fraction'; its knobs: source, val_fraction, format, " \
+                 r"max_chars$"
+    with pytest.raises(ConfigError, match=text_knobs):
         files.data_params("char_lm", {"source": "a.txt", "test_fraction": 0.1})
-    with pytest.raises(ConfigError, match=r"data.text_column: the series format has no knob"):
+    with pytest.raises(ConfigError, match=r"data: the series format has no knob 'text_column'"):
         files.data_params("many_to_one", {"source": "folder", "text_column": "t"})
-    with pytest.raises(ConfigError, match=r"data.format: seq2seq does not read 'table'"):
+    with pytest.raises(ConfigError, match=r"seq2seq does not read data.format 'table'; it reads pairs"):
         files.data_params("seq2seq", {"source": "a.csv", "format": "table"})
     with pytest.raises(ConfigError, match=r"data.source: required"):
         files.data_params("one_to_one", {"label_column": "y"})
@@ -492,6 +493,21 @@ def test_params_refuse_unknown_knobs_formats_and_fractions(tmp_path):
     assert files.data_params("many_to_one", {"source": "x.ts"}).format == "series"
     assert files.data_params("many_to_one", {"source": "x.csv"}).format == "labelled_text"
     assert files.data_params("many_to_one", {"source": "x.tsv"}).separator == "\t"
+    for section, message in (
+            ({"topology": "char_lm", "data": {"source": "my.txt", "text_column": "t"}},
+             "params.yaml: mine.data: the text format has no knob 'text_column'; its knobs: source, val_fraction, "
+             "format, max_chars"),
+            ({"topology": "many_to_one", "data": {"source": "motions", "min_count": 1}},
+             "params.yaml: mine.data: the series format has no knob 'min_count'; its knobs: source, val_fraction, "
+             "test_fraction, format"),
+            ({"topology": "one_to_many", "data": {"source": "a.csv"}},
+             "params.yaml: mine.topology: one_to_many takes no file source; those that do: char_lm, many_to_one, "
+             "seq2seq, many_to_many, one_to_one"),
+            ({"topology": "one_to_one", "data": {"source": "a.csv", "val_fraction": 0.5, "test_fraction": 0.5}},
+             "params.yaml: mine.data: val_fraction + test_fraction must leave at least 10% for training")):
+        with pytest.raises(ConfigError) as info:
+            parse_params({"tasks": ["mine"], "mine": section})
+        assert str(info.value) == message
 
 
 # --- the topology's model trains on it ---------------------------------------------------------------------
@@ -509,16 +525,12 @@ def loss_over(model, dm, split="train") -> float:
 
 @pytest.mark.parametrize("case", ["text", "labelled_text", "series_ts", "pairs_chars", "steps", "table"])
 def test_the_topologys_model_trains_on_it(case, tmp_path):
-    import importlib
-
-    topology, _, model = CASES[case]
+    topology, _, _ = CASES[case]
     data = build(case, tmp_path)
     save_prepared(data, tmp_path / "prepared")
     L.seed_everything(0, workers=True)
     dm = PreparedDataModule(tmp_path / "prepared", batch_size=8, seed=0, block_size=16)
-    module, cls = model.split(":")
-    model_cls = getattr(importlib.import_module(f"pipeline.models.{module}"), cls)
-    net = model_cls(load_vocab(tmp_path / "prepared"), dm.dims(),
+    net = get_topology(topology).model_class(load_vocab(tmp_path / "prepared"), dm.dims(),
                     {"hidden_size": 16, "embedding_dim": 8}, {"lr": 0.02, "batch_size": 8})
     before = loss_over(net, dm)
     trainer = L.Trainer(max_epochs=3, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
@@ -532,34 +544,35 @@ def test_the_topologys_model_trains_on_it(case, tmp_path):
 # --- atomic writes ----------------------------------------------------------------------------------------
 
 
-def test_a_failed_build_leaves_the_previous_prepared_output(tmp_path, monkeypatch):
-    import pipeline.prepare as prepare_stage
+def own_params(tmp_path, **tasks) -> Params:
+    """params with user tasks: name -> (topology, data section)."""
+    raw = {"tasks": list(tasks), **{name: {"topology": t, "data": d} for name, (t, d) in tasks.items()}}
+    return parse_params(raw)
 
+
+def test_prepare_reads_a_task_declared_in_params(tmp_path):
+    params = own_params(tmp_path, mytable=("one_to_one", {"source": str(table(tmp_path)), "label_column": "label"}))
+    manifest = prepare("mytable", params, root=tmp_path / "prepared")
+    assert manifest["source"]["format"] == "table" and manifest["vocab_sizes"] == {"features": 2, "labels": 2}
+    assert "mytable: train " in summary("mytable", manifest)
+
+
+def test_a_failed_build_leaves_the_previous_prepared_output(tmp_path):
     out = tmp_path / "prepared"
-    save_prepared(build("table", tmp_path), out / "mytable")
+    good = own_params(tmp_path, mytable=("one_to_one", {"source": str(table(tmp_path))}))
+    prepare("mytable", good, root=out)
     before = {p.name: p.read_bytes() for p in (out / "mytable").iterdir()}
     bad = tmp_path / "bad.csv"
-    bad.write_text("x1,label\n1,a\n2,b\n3,zz\n4,a\n5,b\n6,a\n7,b\n8,a\n9,b\n10,a\n1.5,a\n")
-    bad.write_text(bad.read_text() + "oops,b\n")  # a non-number on the last line: found after reading everything
-    cfg = files.data_params("one_to_one", {"source": str(bad)})
-
-    class Task:
-        data_module = files
-
-    class P:
-        seed = 0
-
-        @staticmethod
-        def task(name):
-            return type("T", (), {"data": cfg})
-
-    monkeypatch.setattr(prepare_stage, "get_task", lambda name: Task)
+    rows = "".join(f"{i},{'ab'[i % 2]}\n" for i in range(11))
+    bad.write_text("x1,label\n" + rows + "oops,b\n")  # the non-number on the last line: found after the rest is read
+    params = own_params(tmp_path, mytable=("one_to_one", {"source": str(bad)}),
+                        fresh=("one_to_one", {"source": str(bad)}))
     with pytest.raises(PipelineError, match="line 13: 'oops'"):
-        prepare_stage.prepare("mytable", P, root=out)
+        prepare("mytable", params, root=out)
     assert {p.name: p.read_bytes() for p in (out / "mytable").iterdir()} == before
     assert sorted(p.name for p in out.iterdir()) == ["mytable"]  # no temporary folder left behind
     with pytest.raises(PipelineError):
-        prepare_stage.prepare("fresh", P, root=out)
+        prepare("fresh", params, root=out)
     assert not (out / "fresh").exists()
     assert json.loads((out / "mytable" / "manifest.json").read_text())["source"]["format"] == "table"
     assert load_split(out / "mytable", "train")["x"].shape[1] == 2

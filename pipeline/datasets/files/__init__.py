@@ -59,17 +59,30 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from pipeline.config import ConfigError, PipelineError, Section
+from pipeline.config import ConfigError, DataSection, PipelineError, SplitData
 from pipeline.datasets.prepared import Prepared
 
 Fraction = Field(0.1, ge=0.0, lt=1.0)
 
 
-class FileData(Section):
-    source: str = Field(min_length=1)  # relative to the repository root
+class FileData(DataSection):
+    """A user's file or folder: `source` (resolved by pipeline.sources: relative paths under data/own/)."""
+
+    source: str = Field(min_length=1)
     val_fraction: float = Fraction
 
-    inputs: ClassVar[str] = "features"  # "tokens": the model embeds token ids (model.embedding_dim applies)
+    @model_validator(mode="before")
+    @classmethod
+    def _known_knobs(cls, data):
+        """A knob this format does not read, named with the knobs it does (rather than pydantic's "Extra inputs
+        are not permitted")."""
+        if isinstance(data, dict):
+            unknown = sorted(str(k) for k in data if k not in cls.model_fields)
+            if unknown:
+                fmt = cls.model_fields["format"].default
+                raise ValueError(f"the {fmt} format has no knob {unknown[0]!r}; its knobs: "
+                                 f"{', '.join(cls.model_fields)}")
+        return data
 
     def read(self, seed: int, path: Path) -> Prepared:
         """The Prepared of the file or folder at `path` (data.source resolved)."""
@@ -81,14 +94,11 @@ class FileData(Section):
         return getattr(import_module(f"pipeline.datasets.files.{module}"), function)(self, path)
 
 
-class SplitFileData(FileData):
-    test_fraction: float = Fraction
+class SplitFileData(FileData, SplitData):
+    """A file source that draws val and test splits (val_fraction + test_fraction < 0.9: SplitData's check)."""
 
-    @model_validator(mode="after")
-    def _fractions_leave_training_data(self):
-        if self.val_fraction + self.test_fraction >= 0.9:
-            raise ValueError("val_fraction + test_fraction must leave at least 10% for training")
-        return self
+    val_fraction: float = Fraction
+    test_fraction: float = Fraction
 
 
 class TextData(FileData):  # no test_fraction: the char LM is evaluated on val (test repeats it)
@@ -212,9 +222,9 @@ def schema(topology: str, data: object = None, where: str = "data") -> type[File
     raw = data if isinstance(data, dict) else {}
     fmt = raw.get("format") or default_format(topology, str(raw.get("source") or ""))
     if fmt not in FORMATS:
-        raise ConfigError(f"{where}.format: unknown format {fmt!r}; known: {', '.join(FORMATS)}")
+        raise ConfigError(f"unknown {where}.format {fmt!r}; the formats: {', '.join(FORMATS)}")
     if fmt not in TOPOLOGY.get(topology, ()):
-        raise ConfigError(f"{where}.format: {topology} does not read {fmt!r}; it reads "
+        raise ConfigError(f"{topology} does not read {where}.format {fmt!r}; it reads "
                           f"{', '.join(TOPOLOGY.get(topology, ())) or 'no user files'}")
     return FORMATS[fmt]
 
@@ -233,9 +243,6 @@ def data_params(topology: str, raw: object, where: str = "data") -> FileData:
         first = err.errors()[0]
         knob = ".".join(str(p) for p in first["loc"])
         msg = first["msg"].removeprefix("Value error, ")
-        if first["type"] == "extra_forbidden":
-            fmt = cls.model_fields["format"].default
-            msg = f"the {fmt} format has no knob {knob!r}; its knobs: {', '.join(cls.model_fields)}"
         raise ConfigError(f"{where}.{knob}: {msg}" if knob else f"{where}: {msg}") from None
 
 

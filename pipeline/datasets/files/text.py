@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
 
+from pipeline import text as tokens_of
+from pipeline.batch import BOS, EOS, TEXT_SPECIALS, TRANSLATION_SPECIALS, UNK
 from pipeline.config import PipelineError
-from pipeline.datasets import sentiment, translation
 from pipeline.datasets.common import pad
 from pipeline.datasets.files.reading import (
     decode,
@@ -69,8 +69,24 @@ def build_corpus(cfg, seed: int, path: Path) -> Prepared:
 # --- many_to_one: a CSV of texts and labels -------------------------------------------------------------
 
 
+def text_vocab(texts: list[str], min_count: int, max_vocab: int) -> list[str]:
+    """<pad>, <unk>, then the tokens seen at least min_count times, most frequent first (ties by token)."""
+    counts = Counter(tok for text in texts for tok in tokens_of.tokenize(text))
+    common = sorted((tok for tok, c in counts.items() if c >= min_count), key=lambda t: (-counts[t], t))
+    return [*TEXT_SPECIALS, *common[: max_vocab - len(TEXT_SPECIALS)]]
+
+
+def unk_rate(arrays: dict) -> dict[str, float]:
+    """Share of each split's real tokens that are <unk>."""
+    rates = {}
+    for split, a in arrays.items():
+        real = a["tokens"] > 0
+        rates[split] = round(float((a["tokens"][real] == UNK).mean()), 4) if real.any() else 0.0
+    return rates
+
+
 def build_labelled_text(cfg, seed: int, path: Path) -> Prepared:
-    """Tokenized like the sentiment task (lowercased words and punctuation marks), vocabulary from train."""
+    """Tokenized as the built-in text classifier (pipeline.text.tokenize), vocabulary from train."""
     source = path
     table = read_table(source, cfg.separator)
     text_col = table.index(cfg.text_column, "data.text_column")
@@ -79,11 +95,11 @@ def build_labelled_text(cfg, seed: int, path: Path) -> Prepared:
     y, labels = table.labels(label_col)
     rng = np.random.default_rng(seed)
     parts = splits(source, len(y), "rows", cfg.val_fraction, cfg.test_fraction, rng, labels=y)
-    tokens = sentiment.build_vocab([texts[i] for i in parts["train"]], cfg.min_count, cfg.max_vocab)
-    index = sentiment.token_index({"tokens": tokens})
+    tokens = text_vocab([texts[i] for i in parts["train"]], cfg.min_count, cfg.max_vocab)
+    index = tokens_of.token_index({"tokens": tokens})
     arrays = {}
     for split, idx in parts.items():
-        ids, lengths = pad([sentiment.encode(texts[i], index, cfg.max_tokens) for i in idx])
+        ids, lengths = pad([tokens_of.encode(texts[i], index, cfg.max_tokens) for i in idx])
         arrays[split] = {"tokens": ids, "lengths": lengths, "y": y[idx]}
     return Prepared(
         splits=arrays,
@@ -91,7 +107,7 @@ def build_labelled_text(cfg, seed: int, path: Path) -> Prepared:
         source={**fingerprint(source, "labelled_text", [source]), "what": "the user's labelled texts",
                 "columns": {"text": table.header[text_col], "label": table.header[label_col]}},
         stats={"unit": "texts", "rows": len(y), "class_counts": _class_counts(y, labels),
-               "unk_rate": sentiment._unk_rate(arrays)},
+               "unk_rate": unk_rate(arrays)},
     )
 
 
@@ -103,40 +119,11 @@ def _class_counts(y: np.ndarray, labels: list[str]) -> dict[str, int]:
 # --- seq2seq: a TSV of source and target texts ------------------------------------------------------------
 
 
-def char_tokens(text: str) -> list[str]:
-    """Every character a token, spaces too: "la vie" -> ["l", "a", " ", "v", "i", "e"]."""
-    return list(text)
-
-
-TOKENIZERS: dict[str, tuple[Callable[[str], list[str]], Callable[[list[str]], str]]] = {
-    "words": (translation.tokenize, translation.detokenize),  # lowercased words, each punctuation mark apart
-    "chars": (char_tokens, "".join),
-}
-
-
-def tokenizer(vocab: Mapping) -> tuple[Callable[[str], list[str]], Callable[[list[str]], str]]:
-    """(tokenize, detokenize) a seq2seq vocabulary was built with: vocab["tokenizer"], words by default."""
-    return TOKENIZERS[vocab.get("tokenizer", "words")]
-
-
-def encode_source(text: str, vocab: Mapping) -> list[int]:
-    """Source ids of `text` under the vocabulary's tokenizer (unknown tokens -> <unk>), no <bos>/<eos>."""
-    tokenize, _ = tokenizer(vocab)
-    index = {tok: i for i, tok in enumerate(vocab["src_tokens"])}
-    return [index.get(tok, index[translation.UNK]) for tok in tokenize(text)]
-
-
-def decode_target(ids: list[int], vocab: Mapping) -> str:
-    """Target ids (no <bos>/<eos>) back to text under the vocabulary's tokenizer."""
-    _, detokenize = tokenizer(vocab)
-    words = vocab["tgt_tokens"]
-    return detokenize([words[i] for i in ids])
-
-
-def _vocab(token_lists: list[list[str]], min_count: int) -> list[str]:
+def pair_vocab(token_lists: list[list[str]], min_count: int) -> list[str]:
+    """<pad>, <unk>, <bos>, <eos>, then the tokens seen at least min_count times, sorted."""
     counts = Counter(tok for tokens in token_lists for tok in tokens)
-    return translation.SPECIALS + sorted(tok for tok, c in counts.items() if c >= min_count
-                                         and tok not in translation.SPECIALS)
+    return TRANSLATION_SPECIALS + sorted(tok for tok, c in counts.items()
+                                         if c >= min_count and tok not in TRANSLATION_SPECIALS)
 
 
 def build_pairs(cfg, seed: int, path: Path) -> Prepared:
@@ -144,7 +131,7 @@ def build_pairs(cfg, seed: int, path: Path) -> Prepared:
     table = read_table(source, "\t", header=cfg.header)
     src_col = table.index(cfg.source_column, "data.source_column")
     tgt_col = table.index(cfg.target_column, "data.target_column")
-    tokenize, _ = TOKENIZERS[cfg.tokens]
+    tokenize, _ = tokens_of.TOKENIZERS[cfg.tokens]
     src_tokens = [tokenize(t.strip()) for t in table.cells(src_col)]
     tgt_tokens = [tokenize(t.strip()) for t in table.cells(tgt_col)]
     for name, col, toks in (("source", src_col, src_tokens), ("target", tgt_col, tgt_tokens)):
@@ -154,17 +141,17 @@ def build_pairs(cfg, seed: int, path: Path) -> Prepared:
     rng = np.random.default_rng(seed)
     parts = splits(source, len(src_tokens), "pairs", cfg.val_fraction, cfg.test_fraction, rng)
     vocab = {
-        "src_tokens": _vocab([src_tokens[i] for i in parts["train"]], cfg.min_count),
-        "tgt_tokens": _vocab([tgt_tokens[i] for i in parts["train"]], cfg.min_count),
+        "src_tokens": pair_vocab([src_tokens[i] for i in parts["train"]], cfg.min_count),
+        "tgt_tokens": pair_vocab([tgt_tokens[i] for i in parts["train"]], cfg.min_count),
         "tokenizer": cfg.tokens,
     }
     src_index = {t: i for i, t in enumerate(vocab["src_tokens"])}
     tgt_index = {t: i for i, t in enumerate(vocab["tgt_tokens"])}
-    unk, bos, eos = (tgt_index[t] for t in (translation.UNK, translation.BOS, translation.EOS))
+    bos, eos = BOS, EOS
     arrays = {}
     for split, idx in parts.items():
-        src, src_lengths = pad([[src_index.get(t, unk) for t in src_tokens[i]] for i in idx])
-        tgt, tgt_lengths = pad([[bos, *(tgt_index.get(t, unk) for t in tgt_tokens[i]), eos] for i in idx])
+        src, src_lengths = pad([[src_index.get(t, UNK) for t in src_tokens[i]] for i in idx])
+        tgt, tgt_lengths = pad([[bos, *(tgt_index.get(t, UNK) for t in tgt_tokens[i]), eos] for i in idx])
         arrays[split] = {"src": src, "src_lengths": src_lengths, "tgt": tgt, "tgt_lengths": tgt_lengths,
                          "line": np.asarray([table.lines[i] for i in idx], dtype=np.int64)}
     return Prepared(
