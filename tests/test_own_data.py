@@ -473,7 +473,7 @@ def test_other_malformed_inputs(tmp_path):
     assert error_of("many_to_one", {"source": str(bad_ts)}).startswith(f"{bad_ts}: ")
 
 
-def test_params_refuse_unknown_knobs_formats_and_fractions(tmp_path):
+def test_params_refuse_unknown_knobs_formats_and_fractions(tmp_path, monkeypatch):
     text_knobs = r"^data: the text format has no knob 'test_fraction'; its knobs: source, val_fraction, format, " \
                  r"max_chars$"
     with pytest.raises(ConfigError, match=text_knobs):
@@ -493,6 +493,9 @@ def test_params_refuse_unknown_knobs_formats_and_fractions(tmp_path):
     assert files.data_params("many_to_one", {"source": "x.ts"}).format == "series"
     assert files.data_params("many_to_one", {"source": "x.csv"}).format == "labelled_text"
     assert files.data_params("many_to_one", {"source": "x.tsv"}).separator == "\t"
+    (tmp_path / "data" / "own" / "motions.v2").mkdir(parents=True)  # a folder with a dot, under data/own/
+    monkeypatch.chdir(tmp_path)
+    assert files.data_params("many_to_one", {"source": "motions.v2"}).format == "series"
     for section, message in (
             ({"topology": "char_lm", "data": {"source": "my.txt", "text_column": "t"}},
              "params.yaml: mine.data: the text format has no knob 'text_column'; its knobs: source, val_fraction, "

@@ -70,6 +70,12 @@ class FileData(DataSection):
 
     source: str = Field(min_length=1)
     val_fraction: float = Fraction
+    topology: ClassVar[str]  # the topology whose data this format makes
+
+    @classmethod
+    def claims(cls, source: Path) -> bool:
+        """Whether this format is the default for `source` among its topology's formats (else the first)."""
+        return False
 
     @model_validator(mode="before")
     @classmethod
@@ -103,6 +109,7 @@ class SplitFileData(FileData, SplitData):
 
 class TextData(FileData):  # no test_fraction: the char LM is evaluated on val (test repeats it)
     format: Literal["text"] = "text"
+    topology: ClassVar[str] = "char_lm"
     inputs: ClassVar[str] = "tokens"
     max_chars: int | None = Field(None, gt=3)
 
@@ -114,6 +121,7 @@ class TextData(FileData):  # no test_fraction: the char LM is evaluated on val (
 
 class LabelledTextData(SplitFileData):
     format: Literal["labelled_text"] = "labelled_text"
+    topology: ClassVar[str] = "many_to_one"
     inputs: ClassVar[str] = "tokens"
     text_column: str = "text"
     label_column: str = "label"
@@ -134,6 +142,15 @@ class LabelledTextData(SplitFileData):
 
 class SeriesData(SplitFileData):
     format: Literal["series"] = "series"
+    topology: ClassVar[str] = "many_to_one"
+
+    @classmethod
+    def claims(cls, source: Path) -> bool:
+        """A .ts file, a folder, or a name without suffix (a folder not made yet): series, not a CSV of texts."""
+        from pipeline.sources import OWN_DATA
+
+        return (source.suffix.lower() == ".ts" or not source.suffix or source.is_dir()
+                or (not source.is_absolute() and (OWN_DATA / source).is_dir()))
 
     def read(self, seed: int, path: Path) -> Prepared:
         from pipeline.datasets.files.numeric import build_series
@@ -143,6 +160,7 @@ class SeriesData(SplitFileData):
 
 class PairsData(SplitFileData):
     format: Literal["pairs"] = "pairs"
+    topology: ClassVar[str] = "seq2seq"
     inputs: ClassVar[str] = "tokens"
     tokens: Literal["words", "chars"] = "words"
     header: bool = False
@@ -165,6 +183,7 @@ class PairsData(SplitFileData):
 
 class StepsData(SplitFileData):
     format: Literal["steps"] = "steps"
+    topology: ClassVar[str] = "many_to_many"
     sequence_column: str = "sequence"
     label_column: str = "label"
     order_column: str | None = None  # None: the file's order
@@ -179,6 +198,7 @@ class StepsData(SplitFileData):
 
 class TableData(SplitFileData):
     format: Literal["table"] = "table"
+    topology: ClassVar[str] = "one_to_one"
     label_column: str = "label"
     feature_columns: list[str] | None = Field(None, min_length=1)  # None: every other column
     delimiter: str = Field(",", min_length=1, max_length=1)
@@ -194,25 +214,21 @@ FORMATS: dict[str, type[FileData]] = {cls.model_fields["format"].default: cls fo
 EXAMPLES = {"text": "text:example_corpus", "labelled_text": "text:example_labelled_text",
             "pairs": "text:example_pairs", "series": "numeric:example_series", "steps": "numeric:example_steps",
             "table": "numeric:example_table"}
-TOPOLOGY: dict[str, tuple[str, ...]] = {  # topology -> the formats it reads, the default first
-    "char_lm": ("text",),
-    "many_to_one": ("labelled_text", "series"),
-    "seq2seq": ("pairs",),
-    "many_to_many": ("steps",),
-    "one_to_one": ("table",),
-}
+
+
+def formats(topology: str) -> list[str]:
+    """The formats that make `topology`'s data, in FORMATS order."""
+    return [name for name, cls in FORMATS.items() if cls.topology == topology]
 
 
 def default_format(topology: str, source: str) -> str:
-    """The format a source is read in when `data.format` is not set: many_to_one reads a folder or a .ts
-    file as series, anything else as a CSV of texts; every other topology has one format."""
-    formats = TOPOLOGY.get(topology)
-    if formats is None:
-        raise ConfigError(f"{topology} takes no file source; those that do: {', '.join(TOPOLOGY)}")
-    if topology == "many_to_one":
-        path = Path(source)
-        return "series" if path.suffix.lower() == ".ts" or path.is_dir() or not path.suffix else "labelled_text"
-    return formats[0]
+    """The format a source is read in when `data.format` is not set: the first of the topology's formats that
+    claims the source (many_to_one: a folder or a .ts file is series), else its first (a CSV of texts)."""
+    names = formats(topology)
+    if not names:
+        takers = ", ".join(dict.fromkeys(cls.topology for cls in FORMATS.values()))
+        raise ConfigError(f"{topology} takes no file source; those that do: {takers}")
+    return next((name for name in names if FORMATS[name].claims(Path(source))), names[0])
 
 
 def schema(topology: str, data: object = None, where: str = "data") -> type[FileData]:
@@ -223,9 +239,9 @@ def schema(topology: str, data: object = None, where: str = "data") -> type[File
     fmt = raw.get("format") or default_format(topology, str(raw.get("source") or ""))
     if fmt not in FORMATS:
         raise ConfigError(f"unknown {where}.format {fmt!r}; the formats: {', '.join(FORMATS)}")
-    if fmt not in TOPOLOGY.get(topology, ()):
+    if fmt not in formats(topology):
         raise ConfigError(f"{topology} does not read {where}.format {fmt!r}; it reads "
-                          f"{', '.join(TOPOLOGY.get(topology, ())) or 'no user files'}")
+                          f"{', '.join(formats(topology)) or 'no user files'}")
     return FORMATS[fmt]
 
 
