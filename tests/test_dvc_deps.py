@@ -148,7 +148,7 @@ def topology_file(name: str) -> Path:
 def source_files() -> set[Path]:
     """Every source module: the built-in ones and the files reader (where it exists)."""
     files = {DATASETS_DIR / f"{name}.py" for name in builtin_names()}
-    return files | ({DATASETS_DIR / "files.py"} if (DATASETS_DIR / "files.py").is_file() else set())
+    return files | {p for p in (DATASETS_DIR / "files.py", DATASETS_DIR / "files" / "__init__.py") if p.is_file()}
 
 
 def entry_files(cmd: str) -> set[Path]:
