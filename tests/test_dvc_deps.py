@@ -143,7 +143,7 @@ def entry_files(cmd: str) -> set[Path]:
     files = {PACKAGE / f"{stage}.py"}
     if stage == "prepare":
         files.add(PACKAGE / "datasets" / f"{task}.py")
-    elif stage in ("train", "evaluate"):
+    elif stage in ("train", "evaluate", "explore"):
         files.add(PACKAGE / "models" / f"{REGISTRY[task].model.split(':')[0]}.py")
     elif stage == "register":
         files |= {PACKAGE / "models" / f"{t.model.split(':')[0]}.py" for t in REGISTRY.values()}
@@ -160,8 +160,8 @@ STAGES = stages()
 
 def test_every_stage_is_checked():
     names = {address.split("@")[0] for address, _, _ in STAGES}
-    assert names == {"prepare", "train", "evaluate", "register", "longrange"}
-    assert len(STAGES) == 3 * len(REGISTRY) + 2
+    assert names == {"prepare", "train", "evaluate", "explore", "register", "longrange"}
+    assert len(STAGES) == 4 * len(REGISTRY) + 2
 
 
 @pytest.mark.parametrize("address, cmd, deps", STAGES, ids=[s[0] for s in STAGES])
