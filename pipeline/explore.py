@@ -391,7 +391,14 @@ class ManyToOneExplorer(Explorer):
         return out, units
 
     def channel_names(self, model):
-        return None if self.is_text(model) else [f"channel {c}" for c in range(model.dims["input_shape"][-1])]
+        return None if self.is_text(model) else _channel_names(model)
+
+
+def _channel_names(model) -> list[str]:
+    """The input's channel names: the vocabulary's "features" (column names of a user's table) or "channel k"."""
+    names = model.vocab.get("features")
+    C = model.dims["input_shape"][-1]
+    return list(names) if isinstance(names, list) and len(names) == C else [f"channel {c}" for c in range(C)]
 
 
 def _words(text: str, n: int) -> list[str]:
@@ -441,7 +448,7 @@ class ManyToManyExplorer(Explorer):
     kind = "series"
 
     def default_input(self, model, split):
-        return _take(split, np.arange(min(4, len(split["x"]))))
+        return _take(split, np.arange(min(2, len(split["x"]))))
 
     def probe_input(self, model, split):
         idx = np.arange(min(PROBE_SAMPLES // 4, len(split["x"])))
@@ -458,9 +465,7 @@ class ManyToManyExplorer(Explorer):
         return list(model.vocab["labels"])
 
     def channel_names(self, model):
-        names = ["acc x", "acc y", "acc z", "gyro x", "gyro y", "gyro z"]
-        C = model.dims["input_shape"][-1]
-        return names if C == len(names) else [f"channel {c}" for c in range(C)]
+        return _channel_names(model)
 
     def samples(self, model, arrays):
         batch = _tensors(arrays)
@@ -539,8 +544,9 @@ class Seq2SeqExplorer(Explorer):
 
 
 class OneStepExplorer(Explorer):
-    """One-step models: a gallery of inputs is the page's one sequence, each image one step (sorted by class,
-    so selecting a run of images selects a class)."""
+    """One-step models: a gallery of inputs is the page's one sequence, each input one step (sorted by class,
+    so selecting a run of inputs selects a class). Images show as images; a row of features (a table's row)
+    as a one-pixel-high strip of its values, scaled over the page."""
 
     kind = "images"
 
@@ -584,6 +590,9 @@ class OneStepExplorer(Explorer):
         right = float((ids[:, 0] == y).mean()) if known else None
         title = f"{len(y)} images" + (f", sorted by class · model right on {right:.0%}" if known else "")
         x = batch["x"].reshape(len(y), *model.dims["input_shape"]).numpy()
+        if x.ndim == 2:  # features: each row a 1 x F strip, min-max scaled over the page per feature
+            lo, hi = x.min(0), x.max(0)
+            x = ((x - lo) / np.where(hi > lo, hi - lo, 1.0))[:, None, :]
         return [Sample(title=title, labels=[labels[k] if k >= 0 else "" for k in y],
                        gates={c: v[:, 0] for c, v in gates.items()}, values=x, top_ids=ids, top_p=p,
                        actual=[labels[k] if k >= 0 else "" for k in y],
