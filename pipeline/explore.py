@@ -50,7 +50,7 @@ PAGE_SAMPLES = 12  # held-out sequences on a default page
 CHARLM_PAGE_CHARS = 1500  # characters of held-out text on the char LM's page
 GALLERY = 100  # images on a one-step model's page (10 per class where possible)
 PROBE_SAMPLES = 512  # held-out sequences the probe correlations run over
-PROBE_CHARS = 60_000  # held-out characters the char LM's probe correlations run over
+PROBE_CHARS = 120_000  # held-out characters the char LM's probe correlations run over (the default: all 110,000)
 CHAR_ROW, CHAR_WARMUP = 1000, 100  # the char LM's probe text is read in rows of 1000 characters, each after 100
 
 
@@ -188,8 +188,10 @@ SPEAKER = re.compile(r"(?m)(?:(?<=\n\n)|\A)([A-Z][A-Z .'\-]*[A-Z]\.)(?=\n)")  # 
 
 def charlm_probes(text: str) -> dict[str, np.ndarray]:
     """Per character, the state after reading it: position_in_line (characters since the newline, which is 0),
-    inside_quotes (an odd number of '"' so far), inside_brackets (more '(' '[' than ')' ']' so far), and
-    speaker_name (a character of a speaker's name line: a blank line, then "NAME." in capitals)."""
+    inside_quotes (after an opening '"', up to its closing one), inside_brackets (more '(' '[' opened than
+    closed), and speaker_name (a character of a speaker's name line: a blank line, then "NAME." in capitals).
+    Quotes and brackets start afresh at every blank line (a new speech), so one stray mark does not leave the
+    rest of the text "inside"; a closing mark with nothing open is ignored."""
     chars = np.array(list(text)) if text else np.array([], dtype="<U1")
     n = len(text)
     newline = chars == "\n"
@@ -197,9 +199,18 @@ def charlm_probes(text: str) -> dict[str, np.ndarray]:
     last_nl = np.maximum.accumulate(np.where(newline, idx, -1)) if n else idx
     position = (idx - last_nl).astype(np.float64)
     position[newline] = 0.0
-    quotes = (np.cumsum(chars == '"') % 2).astype(np.float64)
-    depth = np.cumsum(np.isin(chars, ["(", "["]).astype(int) - np.isin(chars, [")", "]"]).astype(int))
-    brackets = (depth > 0).astype(np.float64)
+    quotes, brackets = np.zeros(n), np.zeros(n)
+    inside, depth, previous = False, 0, ""
+    for t, c in enumerate(text):
+        if c == "\n" and previous == "\n":
+            inside, depth = False, 0
+        elif c == '"':
+            inside = not inside
+        elif c in "([":
+            depth += 1
+        elif c in ")]":
+            depth = max(0, depth - 1)
+        quotes[t], brackets[t], previous = inside, depth > 0, c
     speaker = np.zeros(n)
     for m in SPEAKER.finditer(text):
         speaker[m.start(1) : m.end(1)] = 1.0

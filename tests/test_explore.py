@@ -103,6 +103,9 @@ def test_charlm_probes_on_a_known_text():
                                                    1, 2, 3, 4, 5, 0, 1, 2, 3, 4]
     assert "".join(c for c, q in zip(text, probes["inside_quotes"]) if q) == '"c(d)'
     assert "".join(c for c, q in zip(text, probes["inside_brackets"]) if q) == '(d[x'
+    stray = ex.charlm_probes('A "b (c\n\nD] e) "f')  # a blank line closes what was open; stray closings count nothing
+    assert [int(v) for v in stray["inside_quotes"]] == [0, 0, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 1, 1]
+    assert [int(v) for v in stray["inside_brackets"]] == [0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]
     speaker = "".join(c if s else "_" for c, s in zip(text, probes["speaker_name"]))
     assert speaker == "KING." + "_" * 12 + "FOOL." + "_" * 5
 
