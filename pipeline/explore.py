@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from pipeline.config import Params, PipelineError
+from pipeline.datasets.prepared import load_split
 
 MODELS_ROOT, DATA_ROOT = Path("models"), Path("data/prepared")
 PAGES_ROOT, PROBES_ROOT = Path("explorer"), Path("probes")
@@ -47,10 +48,11 @@ ASSETS = Path(__file__).parent / "explorer"  # explorer.html, explorer.css, expl
 CHANNELS = ("input_gate", "forget_gate", "candidate", "output_gate", "cell")
 TOP_K = 5
 PAGE_SAMPLES = 12  # held-out sequences on a default page
-CHARLM_PAGE_CHARS = 1500  # characters of held-out text on the char LM's page
+CHARLM_PAGE_CHARS = 1000  # characters of held-out text on the char LM's page
 GALLERY = 100  # images on a one-step model's page (10 per class where possible)
 PROBE_SAMPLES = 512  # held-out sequences the probe correlations run over
-PROBE_CHARS = 120_000  # held-out characters the char LM's probe correlations run over (the default: all 110,000)
+PROBE_CHARS = 40_000  # held-out characters the char LM's probe correlations run over
+QUOTE_WINDOW = 300  # characters around each double quote the char LM's probes also read
 CHAR_ROW, CHAR_WARMUP = 1000, 100  # the char LM's probe text is read in rows of 1000 characters, each after 100
 
 
@@ -152,7 +154,8 @@ class Explorer:
     def default_input(self, model, split: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return _take(split, np.arange(min(PAGE_SAMPLES, len(next(iter(split.values()))))))
 
-    def probe_input(self, model, split: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    def probe_input(self, model, split: dict[str, np.ndarray], train=None) -> list[dict[str, np.ndarray]]:
+        """Batches of the probe corpus; `train`, when given, returns the training split (read only if needed)."""
         n = len(next(iter(split.values())))
         idx = np.arange(min(PROBE_SAMPLES, n))
         return [_take(split, idx[i : i + 128]) for i in range(0, len(idx), 128)]
@@ -230,13 +233,35 @@ class CharLMExplorer(Explorer):
         start = text.find("\n\n") + 2 if "\n\n" in text else 0  # begin at a speech, as a reader would
         return {"x": ids[None, start : start + CHARLM_PAGE_CHARS]}
 
-    def probe_input(self, model, split):
-        ids = split["ids"][:PROBE_CHARS]
-        rows = []
-        for start in range(0, len(ids), CHAR_ROW):
-            lo = max(0, start - CHAR_WARMUP)
-            rows.append({"x": ids[None, lo : start + CHAR_ROW], "skip": np.array([start - lo])})
-        return rows
+    def probe_input(self, model, split, train=None):
+        """The first PROBE_CHARS held-out characters in rows of CHAR_ROW, plus a window of QUOTE_WINDOW characters
+        around every double quote of the whole text (train and held-out: Shakespeare's held-out tenth holds four
+        quotations, too few to find a quote cell). Each row is read after the CHAR_WARMUP characters before it,
+        which are not counted; probes come from the whole text, so a quote opened before a row is open in it."""
+        held_out = split["ids"]
+        pieces = [(held_out, [(max(0, a - CHAR_WARMUP), min(a + CHAR_ROW, PROBE_CHARS, len(held_out)), a)
+                              for a in range(0, min(PROBE_CHARS, len(held_out)), CHAR_ROW)])]
+        if train is not None:
+            ids = np.concatenate([train()["ids"], held_out])
+            quote = model.vocab["chars"].index('"') if '"' in model.vocab["chars"] else -1
+            rows, end = [], 0
+            for q in np.flatnonzero(ids == quote):
+                a = int(q) - QUOTE_WINDOW // 3
+                if a >= end and a - CHAR_WARMUP >= 0 and a + QUOTE_WINDOW <= len(ids):
+                    rows.append((a - CHAR_WARMUP, a + QUOTE_WINDOW, a))
+                    end = a + QUOTE_WINDOW
+            pieces.append((ids, rows))
+        batches = []
+        for ids, rows in pieces:
+            probes = charlm_probes(self._text(model, ids[: max((b for _, b, _ in rows), default=0)]))
+            for length in sorted({b - lo for lo, b, _ in rows}):
+                same = [r for r in rows if r[1] - r[0] == length]
+                for i in range(0, len(same), 16):
+                    part = same[i : i + 16]
+                    cut = {f"probe:{k}": np.stack([v[lo:b] for lo, b, _ in part]) for k, v in probes.items()}
+                    batches.append({"x": np.stack([ids[lo:b] for lo, b, _ in part]),
+                                    "skip": np.array([a - lo for lo, _, a in part]), **cut})
+        return batches
 
     def user_input(self, model, split, text, files, index):
         if text is not None:
@@ -257,7 +282,7 @@ class CharLMExplorer(Explorer):
 
     def samples(self, model, arrays):
         x = torch.as_tensor(arrays["x"])
-        skip = int(arrays.get("skip", [0])[0])
+        skips = arrays["skip"] if "skip" in arrays else np.zeros(x.shape[0], dtype=int)
         with torch.no_grad():
             trace = model.trace({"x": x})
             logits, _ = model(x)
@@ -265,8 +290,9 @@ class CharLMExplorer(Explorer):
         ids, p = topk(logits)
         out = []
         for b in range(x.shape[0]):
-            text = self._text(model, x[b].tolist())
-            probes = charlm_probes(text)
+            text, skip = self._text(model, x[b].tolist()), int(skips[b])
+            given = {k.removeprefix("probe:"): v[b] for k, v in arrays.items() if k.startswith("probe:")}
+            probes = given or charlm_probes(text)
             out.append(Sample(title=f"{len(text) - skip} characters", labels=list(text[skip:]),
                               gates={c: v[b, skip:] for c, v in gates.items()}, top_ids=ids[b, skip:],
                               top_p=p[b, skip:], actual=list(text[skip + 1 :]) + [""],
@@ -461,7 +487,7 @@ class ManyToManyExplorer(Explorer):
     def default_input(self, model, split):
         return _take(split, np.arange(min(2, len(split["x"]))))
 
-    def probe_input(self, model, split):
+    def probe_input(self, model, split, train=None):
         idx = np.arange(min(PROBE_SAMPLES // 4, len(split["x"])))
         return [_take(split, idx[i : i + 32]) for i in range(0, len(idx), 32)]
 
@@ -567,7 +593,7 @@ class OneStepExplorer(Explorer):
         idx = [i for k in sorted(set(y.tolist())) for i in np.flatnonzero(y == k)[:per]]
         return _take(split, idx)
 
-    def probe_input(self, model, split):
+    def probe_input(self, model, split, train=None):
         n = min(len(split["y"]), 4 * PROBE_SAMPLES)
         return [_take(split, np.arange(n))]
 
@@ -682,10 +708,10 @@ def best_units(result: dict[str, dict]) -> dict[str, dict]:
     return best
 
 
-def probe_correlations(explorer: Explorer, model, split: dict[str, np.ndarray]) -> dict[str, dict]:
-    """Per probe over the held-out probe corpus: the best unit by |r| of tanh(cell) with the probe."""
+def probe_correlations(explorer: Explorer, model, split: dict[str, np.ndarray], train=None) -> dict[str, dict]:
+    """Per probe over the probe corpus (see each explorer's `probe_input`): the best unit by |r| of tanh(cell)."""
     acc, units = Correlator(), None
-    for arrays in explorer.probe_input(model, split):
+    for arrays in explorer.probe_input(model, split, train):
         samples, units = explorer.samples(model, arrays)
         for s in samples:
             acc.add(np.tanh(s.gates["cell"]), s.probes)
@@ -844,7 +870,6 @@ def build_page(task: str, topology: str, model, explorer: Explorer, arrays: dict
 
 
 def _load(task_name: str, models_root: Path, data_root: Path):
-    from pipeline.datasets.prepared import load_split
     from pipeline.models.saved import load_trained
     from pipeline.tasks import get_task
 
@@ -863,6 +888,7 @@ def explore(task_name: str, params: Params, *, text: str | None = None, files: l
     or --index: a page for that input only, at `out` (default explore-<task>.html), nothing else written."""
     torch.manual_seed(params.seed)
     task, model, info, split = _load(task_name, models_root, data_root)
+    train = lambda: load_split(data_root / task_name, "train")  # noqa: E731  (read only by explorers that use it)
     explorer = explorer_for(model, task.topology)
     user = text is not None or bool(files) or index is not None
     with torch.no_grad():
@@ -871,8 +897,8 @@ def explore(task_name: str, params: Params, *, text: str | None = None, files: l
             page = build_page(task_name, task.topology, model, explorer, arrays)
             size = write_page(page, out or f"explore-{task_name}.html")
             return f"{task_name}: {out or f'explore-{task_name}.html'} ({size / 1024:.0f} KiB)"
-        probes = probe_correlations(explorer, model, split)
-        control = probe_correlations(explorer, untrained_like(model, params.seed), split)
+        probes = probe_correlations(explorer, model, split, train)
+        control = probe_correlations(explorer, untrained_like(model, params.seed), split, train)
         metrics = {name: {"corr": round(v["corr"], 4), "unit": v["unit"],
                           "control_corr": round(control[name]["corr"], 4) if name in control else None,
                           "steps": v["steps"], "positive_steps": v["positive"]} for name, v in probes.items()}

@@ -169,7 +169,8 @@ def _saved(tmp_path, name: str):
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "weights.safetensors")
     data = tmp_path / "data" / name
     data.mkdir(parents=True)
-    np.savez(data / f"{get_task(name).eval_split}.npz", **split)
+    for part in {"train", get_task(name).eval_split}:
+        np.savez(data / f"{part}.npz", **split)
     return tmp_path / "models", tmp_path / "data"
 
 
