@@ -49,6 +49,7 @@ def chromium():
     options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
     driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
     driver.set_page_load_timeout(60)
+    driver.get("about:blank")
     try:
         yield driver
     finally:
@@ -67,23 +68,27 @@ def wait_ready(driver, timeout: float = 30.0) -> bool:
     return False
 
 
-def requests(driver) -> list[str]:
-    """Every URL the page asked the network stack for since the last call (from the DevTools performance log)."""
+def requests(driver, document: str | None = None) -> list[str]:
+    """Every URL asked of the network stack since the last call (from the DevTools performance log); with
+    `document`, only those made for that page (Chromium's own pages, such as the first new tab, are not ours)."""
     urls = []
     for entry in driver.get_log("performance"):
         message = json.loads(entry["message"])["message"]
         if message.get("method") == "Network.requestWillBeSent":
-            urls.append(message["params"]["request"]["url"])
+            params = message["params"]
+            if document is None or params.get("documentURL", "").split("#")[0] == document:
+                urls.append(params["request"]["url"])
     return urls
 
 
-def exercise(driver, page: Path, hover_step: int = 1, select: tuple[int, int] = (0, 2)) -> dict:
-    """Open a page from file://, hover one step, drag-select a range; what the page showed at each point."""
+def exercise(driver, page: Path, hover_step: int = 1, select: tuple[int, int] = (0, 2), fragment: str = "") -> dict:
+    """Open a page from file:// (with a #fragment such as "unit=155"), hover one step, drag-select a range; what
+    the page showed at each point."""
     from selenium.webdriver.common.action_chains import ActionChains
 
     driver.get_log("browser")
     requests(driver)
-    driver.get(page.resolve().as_uri())
+    driver.get(page.resolve().as_uri() + (f"#{fragment}" if fragment else ""))
     ready = wait_ready(driver)
     seen = {"ready": ready}
     if not ready:
@@ -93,6 +98,7 @@ def exercise(driver, page: Path, hover_step: int = 1, select: tuple[int, int] = 
     seen["steps"] = len(steps)
     seen["header_steps"] = driver.execute_script("return window.explorer.header.samples[0].steps")
     seen["hover_before"] = driver.find_element("id", "hover-step").text
+    seen["unit"] = driver.execute_script("return window.explorer.state.unit")
     last = len(steps) - 1
     ActionChains(driver).move_to_element(steps[min(hover_step, last)]).perform()
     seen["hover_after"] = driver.find_element("id", "hover-step").text
@@ -108,20 +114,25 @@ def exercise(driver, page: Path, hover_step: int = 1, select: tuple[int, int] = 
     seen["fires"] = driver.find_element("id", "fires-unit").text
     seen["resources"] = driver.execute_script("return performance.getEntriesByType('resource').length")
     seen["console"] = driver.get_log("browser")
-    seen["requests"] = requests(driver)
+    seen["requests"] = requests(driver, page.resolve().as_uri())
     return seen
 
 
 def main(argv: list[str]) -> int:
     out = Path(argv[argv.index("--out") + 1]) if "--out" in argv else Path(".")
-    pages = [Path(p) for p in argv if p.endswith(".html")]
+    pages = [Path(p) for p in argv if p.endswith(".html") or ".html#" in p]
     out.mkdir(parents=True, exist_ok=True)
     with chromium() as driver:
-        for page in pages:
-            seen = exercise(driver, page, hover_step=40, select=(3, 12))
+        for given in pages:
+            page, _, fragment = str(given).partition("#")
+            page = Path(page)
+            seen = exercise(driver, page, hover_step=40, select=(3, 12), fragment=fragment)
             driver.execute_script("window.scrollTo(0, 0)")
-            shot = out / f"{page.stem}.png"
+            shot = out / f"{page.stem}{'-' + fragment.replace('=', '') if fragment else ''}.png"
             driver.save_screenshot(str(shot))
+            from PIL import Image  # matplotlib's dependency: 64 colours keep a page's picture small
+
+            Image.open(shot).convert("RGB").quantize(64).save(shot, optimize=True)
             print(f"{page} -> {shot}: ready {seen['ready']}, console {seen.get('console')}")
     return 0
 

@@ -40,7 +40,7 @@ def browser():
 
 @pytest.mark.parametrize("name", ["charlm", "melody", "sentiment", "gesture", "translation", "activity", "digits"])
 def test_page_renders_and_answers_hover_and_selection(name, pages, browser):
-    seen = exercise(browser, pages[name], hover_step=1, select=(0, 2))
+    seen = exercise(browser, pages[name], hover_step=1, select=(0, 2), fragment="unit=1")
     assert seen["ready"], f"the page did not start: {seen.get('console')}"
     assert seen["steps"] == seen["header_steps"] > 2
     assert seen["hover_before"].startswith("0 of") and seen["hover_after"].startswith("1 of")
@@ -52,6 +52,7 @@ def test_page_renders_and_answers_hover_and_selection(name, pages, browser):
     match = [float(v) for v in seen["match_column"]]
     assert match and match == sorted(match, reverse=True)  # ranked by match to the selection
     assert re.search(r"\d+ runs", seen["fires"])
+    assert seen["unit"] == 1  # the #unit=1 in the link chose the unit
     errors = [e for e in seen["console"] if e["level"] in ("SEVERE", "WARNING")]
     assert not errors, errors
     assert seen["resources"] == 0

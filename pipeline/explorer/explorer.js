@@ -351,7 +351,16 @@
     state.probe = probes[0] || null;
     const best = (H.about && H.about.probes && probes.length) ? (H.about.probes[probes[0]] || null) : null;
     if (best) state.unit = best.unit;
+    // a link can choose what the page opens on: page.html#unit=155&channel=forget_gate&sample=2&probe=...
+    const want = new URLSearchParams(location.hash.slice(1));
+    const pick = (name, count) => { const v = Number(want.get(name)); return want.has(name) && Number.isInteger(v) && v >= 0 && v < count ? v : null; };
+    if (pick("unit", H.units.length) !== null) state.unit = pick("unit", H.units.length);
+    if (pick("sample", H.samples.length) !== null) state.sample = pick("sample", H.samples.length);
+    if (H.channels.includes(want.get("channel"))) { state.channel = want.get("channel"); $("channel").value = state.channel; }
+    if (probes.includes(want.get("probe"))) state.probe = want.get("probe");
     $("unit").value = String(state.unit);
+    $("sample").value = String(state.sample);
+    $("probe").value = state.probe || "";
     $("sample").onchange = () => { state.sample = Number($("sample").value); state.selection = null; state.hover = null; drawSample(); refresh(); };
     $("channel").onchange = () => { state.channel = $("channel").value; setThresholdRange(); refresh(); };
     $("unit").onchange = () => setUnit(Number($("unit").value));
