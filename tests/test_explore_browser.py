@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 
+import numpy as np
 import pytest
 from browser import chromium, exercise, missing
 from explore_cases import cases
@@ -44,7 +45,11 @@ def test_page_renders_and_answers_hover_and_selection(name, pages, browser):
     assert seen["ready"], f"the page did not start: {seen.get('console')}"
     assert seen["steps"] == seen["header_steps"] > 2
     assert seen["hover_before"].startswith("0 of") and seen["hover_after"].startswith("1 of")
-    assert re.search(r"forget gate f\s+-?\d\.\d{3}", seen["hover_gates"])
+    # the page's JavaScript decodes what Python wrote: the hovered step's five values for unit 1, to 3 decimals
+    header, blob = ex.read_page(pages[name])
+    shown = [float(v) for v in re.findall(r"(-?\d+\.\d{3})", seen["hover_gates"])]
+    expected = [ex.decode(header, blob, 0, c)[1, 1] for c in ex.CHANNELS]
+    assert len(shown) == 5 and np.allclose(shown, expected, atol=0.0005 + 1e-6), (shown, expected)
     if name in ("charlm", "melody", "translation", "activity", "digits"):  # models that predict at every step
         assert re.search(r"top", seen["hover_top"]) and re.search(r"0\.\d{3}", seen["hover_top"])
     assert seen["selection"].startswith("steps 0–2 (3)")
