@@ -150,6 +150,10 @@ class Explorer:
     `user_input` turns --text/--file/--index into arrays (PipelineError on bad input)."""
 
     kind = "tokens"
+    takes_text = False  # --text (else --file) besides --index
+
+    def accepts(self, model) -> list[str]:
+        return ["--text" if self.takes_text else "--file", "--index"]
 
     def default_input(self, model, split: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return _take(split, np.arange(min(PAGE_SAMPLES, len(next(iter(split.values()))))))
@@ -164,11 +168,7 @@ class Explorer:
         if index is not None:
             return _take(split, _check_indices(index, len(next(iter(split.values()))), "samples"))
         what = "--text" if text is not None else "--file"
-        raise PipelineError(f"{what} is not an input this model takes; try --index (held-out samples)"
-                            + (" or --file" if self.kind in ("series", "images") else "")
-                            + (" or --text" if self.takes_text else ""))
-
-    takes_text = False
+        raise PipelineError(f"{what} is not an input this model takes; it takes {' or '.join(self.accepts(model))}")
 
     def samples(self, model, arrays: dict[str, np.ndarray]) -> tuple[list[Sample], list[str]]:
         raise NotImplementedError
@@ -384,6 +384,9 @@ class ManyToOneExplorer(Explorer):
     @staticmethod
     def is_text(model) -> bool:
         return "tokens" in model.vocab
+
+    def accepts(self, model) -> list[str]:
+        return ["--text" if self.is_text(model) else "--file", "--index"]
 
     def user_input(self, model, split, text, files, index):
         if text is not None and self.is_text(model):

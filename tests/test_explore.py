@@ -192,7 +192,8 @@ def test_the_stage_writes_the_page_and_the_probe_numbers(tmp_path):
     header, _ = ex.read_page(out)
     assert header["samples"][0]["labels"] == list("ALL.\nSpeak.")
     for bad, message in (({"text": "Speak~"}, "not in the model's vocabulary: '~'"), ({"text": ""}, "empty"),
-                         ({"index": [10**6]}, "out of range"), ({"files": ["x.npy"]}, "--file is not an input")):
+                         ({"index": [10**6]}, "out of range"),
+                         ({"files": ["x.npy"]}, "--file is not an input this model takes; it takes --text or --index")):
         target = tmp_path / "bad.html"
         with pytest.raises(PipelineError, match=re.escape(message)):
             ex.explore("charlm", params, out=target, **bad, **kw)
