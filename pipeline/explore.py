@@ -22,12 +22,14 @@ number for an untrained model of the same shape (the control: what chance alignm
 
 Shown: the top layer (both directions of a bidirectional one, units numbered direction-major); for seq2seq the
 decoder. Per-topology knowledge (what a step displays as, what the model predicts at a step, which probes fit)
-lives in one `Explorer` per topology (`EXPLORERS`); the stage itself never looks at a task's name.
+lives in one `Explorer` per topology, which the topology object names (`Topology.explorer`, "module:Class":
+named, not imported, so training never depends on this module); the stage never looks at a task's name.
 """
 
 from __future__ import annotations
 
 import base64
+import importlib
 import json
 import math
 import re
@@ -39,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.batch import BOS, EOS, SEQUENCE_EOS, SEQUENCE_SPECIALS, UNK
 from pipeline.config import Params, PipelineError
 from pipeline.datasets.prepared import load_split
 
@@ -330,11 +333,12 @@ class MelodyExplorer(Explorer):
             tokens = self.vocab(model)
             lookup = {t: i for i, t in enumerate(tokens)}
             notes = text.split()
-            unknown = [t for t in notes if t not in lookup or lookup[t] < 2]
+            unknown = [t for t in notes if t not in lookup or t in SEQUENCE_SPECIALS]
             if not notes or unknown:
+                known = [t for t in tokens if t not in SEQUENCE_SPECIALS][:3]
                 raise PipelineError(f"--text: give notes the model knows, separated by spaces, such as "
-                                    f"{' '.join(tokens[2:5])}; unknown: {' '.join(unknown) or '(none given)'}")
-            ids = [lookup[t] for t in notes] + [1]  # <eos> ends it, as in the prepared data
+                                    f"{' '.join(known)}; unknown: {' '.join(unknown) or '(none given)'}")
+            ids = [lookup[t] for t in notes] + [SEQUENCE_EOS]  # <eos> ends it, as in the prepared data
             return {"tokens": np.asarray([ids]), "lengths": np.asarray([len(ids)])}
         return super().user_input(model, split, text, files, index)
 
@@ -390,7 +394,7 @@ class ManyToOneExplorer(Explorer):
 
     def user_input(self, model, split, text, files, index):
         if text is not None and self.is_text(model):
-            from pipeline.datasets.sentiment import encode
+            from pipeline.text import encode
 
             ids = encode(text, model.vocab)
             return {"tokens": np.asarray([ids]), "lengths": np.asarray([len(ids)]), "y": np.asarray([-1]),
@@ -420,7 +424,7 @@ class ManyToOneExplorer(Explorer):
                 names = model.vocab["tokens"]
                 ids = seq[b, :n].tolist()
                 shown = words if words else [names[i] for i in ids]
-                sub = ["unknown" if i == 1 else "" for i in ids]
+                sub = ["unknown" if i == UNK else "" for i in ids]
                 out.append(Sample(title=title, labels=shown, sub=sub, gates={c: v[b, :n] for c, v in gates.items()},
                                   probes=probes))
             else:
@@ -443,7 +447,7 @@ def _channel_names(model) -> list[str]:
 
 def _words(text: str, n: int) -> list[str]:
     """The user's words as typed (tokenized, original case) for display, cut to the n tokens the model read."""
-    from pipeline.datasets.sentiment import TOKEN
+    from pipeline.text import TOKEN
 
     return TOKEN.findall(text)[:n] or ["<unk>"]
 
@@ -544,21 +548,22 @@ class Seq2SeqExplorer(Explorer):
 
     def user_input(self, model, split, text, files, index):
         if text is not None:
-            from pipeline.datasets.translation import encode_source
+            from pipeline.text import encode_source
 
             src = encode_source(text, model.vocab)
             if not src:
                 raise PipelineError("--text is empty: give English number words such as 'forty-two'")
             src_t, n = torch.tensor([src]), torch.tensor([len(src)])
             out = model.greedy(src_t, n)[0]
-            tgt = [2, *out, 3]  # <bos> .. <eos>: the decoder reads its own greedy output
+            tgt = [BOS, *out, EOS]  # the decoder reads its own greedy output
             return {"src": src_t.numpy(), "src_lengths": n.numpy(), "tgt": np.asarray([tgt]),
                     "tgt_lengths": np.asarray([len(tgt)])}
         return super().user_input(model, split, text, files, index)
 
     def samples(self, model, arrays):
-        from pipeline.datasets.translation import detokenize
+        from pipeline.text import tokenizer
 
+        detokenize = tokenizer(model.vocab)[1]  # words joined as written ("quarante-deux"), or characters
         batch = _tensors({k: v for k, v in arrays.items() if k != "numbers"})
         in_lengths = batch["tgt_lengths"] - 1
         with torch.no_grad():
@@ -639,16 +644,14 @@ class OneStepExplorer(Explorer):
                        probes=_class_probes(labels, y, len(y)) if known else {})], units
 
 
-EXPLORERS: dict[str, Explorer] = {
-    "char_lm": CharLMExplorer(), "one_to_many": MelodyExplorer(), "many_to_one": ManyToOneExplorer(),
-    "many_to_many": ManyToManyExplorer(), "seq2seq": Seq2SeqExplorer(), "one_to_one": OneStepExplorer(),
-}
-
-
-def explorer_for(model, topology: str) -> Explorer:
-    if topology not in EXPLORERS:
-        raise PipelineError(f"no gate explorer for topology {topology!r}; known: {', '.join(EXPLORERS)}")
-    return EXPLORERS[topology]
+def explorer_for(topology) -> Explorer:
+    """The Explorer a topology object names (its `explorer`, "module:Class"); PipelineError if it names none."""
+    path = getattr(topology, "explorer", "")
+    if not path:
+        raise PipelineError(f"topology {getattr(topology, 'name', topology)!r} has no gate explorer "
+                            "(its `explorer` names none)")
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)()
 
 
 def page_kind(explorer: Explorer, model) -> str:
@@ -872,11 +875,11 @@ def build_page(task: str, topology: str, model, explorer: Explorer, arrays: dict
                                                                                                **(about or {})})
 
 
-def _load(task_name: str, models_root: Path, data_root: Path):
+def _load(task_name: str, params: Params, models_root: Path, data_root: Path):
     from pipeline.models.saved import load_trained
     from pipeline.tasks import get_task
 
-    task = get_task(task_name)
+    task = get_task(task_name, params)
     model, info = load_trained(models_root / task_name)
     split = load_split(data_root / task_name, task.eval_split)
     return task, model, info, split
@@ -890,14 +893,14 @@ def explore(task_name: str, params: Params, *, text: str | None = None, files: l
     probe, its correlation, the untrained control), both logged to the task's MLflow run. With --text, --file
     or --index: a page for that input only, at `out` (default explore-<task>.html), nothing else written."""
     torch.manual_seed(params.seed)
-    task, model, info, split = _load(task_name, models_root, data_root)
+    task, model, info, split = _load(task_name, params, models_root, data_root)
     train = lambda: load_split(data_root / task_name, "train")  # noqa: E731  (read only by explorers that use it)
-    explorer = explorer_for(model, task.topology)
+    explorer = explorer_for(task.topology)
     user = text is not None or bool(files) or index is not None
     with torch.no_grad():
         if user:
             arrays = explorer.user_input(model, split, text, files, index)
-            page = build_page(task_name, task.topology, model, explorer, arrays)
+            page = build_page(task_name, task.topology_name, model, explorer, arrays)
             size = write_page(page, out or f"explore-{task_name}.html")
             return f"{task_name}: {out or f'explore-{task_name}.html'} ({size / 1024:.0f} KiB)"
         probes = probe_correlations(explorer, model, split, train)
@@ -906,7 +909,7 @@ def explore(task_name: str, params: Params, *, text: str | None = None, files: l
                           "control_corr": round(control[name]["corr"], 4) if name in control else None,
                           "steps": v["steps"], "positive_steps": v["positive"]} for name, v in probes.items()}
         metrics = {k: {kk: vv for kk, vv in v.items() if vv is not None} for k, v in metrics.items()}
-        page = build_page(task_name, task.topology, model, explorer, explorer.default_input(model, split),
+        page = build_page(task_name, task.topology_name, model, explorer, explorer.default_input(model, split),
                           about={"probes": metrics, "split": task.eval_split})
     page_file = Path(out) if out else pages_root / f"{task_name}.html"
     size = write_page(page, page_file)

@@ -14,6 +14,7 @@ from explore_cases import CHARS, TEXT, cases
 from pipeline import explore as ex
 from pipeline.config import PipelineError, load_params
 from pipeline.lstm import GateTrace
+from pipeline.topologies import get_topology
 
 CASES = cases()
 KINDS = {"charlm": "text", "melody": "tokens", "sentiment": "tokens", "gesture": "series", "translation": "tokens",
@@ -22,7 +23,7 @@ KINDS = {"charlm": "text", "melody": "tokens", "sentiment": "tokens", "gesture":
 
 def _page(name: str):
     topology, model, split = CASES[name]
-    explorer = ex.explorer_for(model, topology)
+    explorer = ex.explorer_for(get_topology(topology))
     arrays = explorer.default_input(model, split)
     return ex.build_page(name, topology, model, explorer, arrays), model, arrays
 
@@ -88,7 +89,7 @@ def test_the_char_lm_page_shows_the_text_and_its_next_characters():
 
 def test_user_text_is_shown_as_typed():
     topology, model, split = CASES["sentiment"]
-    explorer = ex.explorer_for(model, topology)
+    explorer = ex.explorer_for(get_topology(topology))
     arrays = explorer.user_input(model, split, "Not a GOOD film, honestly.", None, None)
     (sample,), _ = explorer.samples(model, arrays)
     assert sample.labels == ["Not", "a", "GOOD", "film", ",", "honestly", "."]
@@ -146,7 +147,7 @@ def test_probe_finds_the_unit_that_counts_the_line():
     model = _counting_char_lm()
     index = {c: i for i, c in enumerate(CHARS)}
     split = {"ids": np.array([index[c] for c in TEXT], dtype=np.int64)}
-    explorer = ex.explorer_for(model, "char_lm")
+    explorer = ex.explorer_for(get_topology("char_lm"))
     best = ex.probe_correlations(explorer, model, split)
     assert best["position_in_line"]["unit"] == 0 and best["position_in_line"]["corr"] > 0.99
     assert best["position_in_line"]["steps"] == len(TEXT)

@@ -14,6 +14,7 @@ from browser import chromium, exercise, missing
 from explore_cases import cases
 
 from pipeline import explore as ex
+from pipeline.topologies import get_topology
 
 WHY = missing()
 if WHY and os.environ.get("CI", "").lower() == "true":
@@ -26,7 +27,7 @@ def pages(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pages")
     written = {}
     for name, (topology, model, split) in cases().items():
-        explorer = ex.explorer_for(model, topology)
+        explorer = ex.explorer_for(get_topology(topology))
         page = ex.build_page(name, topology, model, explorer, explorer.default_input(model, split))
         ex.write_page(page, folder / f"{name}.html")
         written[name] = folder / f"{name}.html"
