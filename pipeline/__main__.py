@@ -41,6 +41,18 @@ def _parser() -> argparse.ArgumentParser:
                         ("train", "train a task's model into models/<task>/"),
                         ("evaluate", "metrics/<task>.json and plots/<task>/ from the held-out split")):
         sub.add_parser(stage, help=text, description=text, **helpful).add_argument("task")
+    text = "write a task's offline gate explorer page (and its probe numbers), or one for your own input"
+    explore = sub.add_parser("explore", help=text, description=text, **helpful)
+    explore.add_argument("task")
+    given = explore.add_mutually_exclusive_group()
+    given.add_argument("--text", default=None, help="your input: text (charlm, sentiment, translation) or notes "
+                       "such as 'C5|1.0 D5|0.5' (melody)")
+    given.add_argument("--file", nargs="+", default=None, help="your input: .npy files as `predict` takes them "
+                       "(digits, gesture, activity)")
+    given.add_argument("--index", nargs="+", type=int, default=None, help="held-out samples by index (charlm: "
+                       "a character offset into the held-out text)")
+    explore.add_argument("--out", default=None, help="where the page goes (default: explorer/<task>.html with no "
+                         "input given, else explore-<task>.html)")
     text = "data/sources/<task>.json: the hashes of a task's files and reader code (prepare's dependency)"
     sub.add_parser("sources", help=text, description=text, **helpful).add_argument("task")
     text = "register every task's model in MLflow; move 'champion' if better"
@@ -109,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.evaluate import evaluate
 
             print(evaluate(args.task, params))
+        elif args.stage == "explore":
+            from pipeline.explore import explore
+
+            print(explore(args.task, params, text=args.text, files=args.file, index=args.index, out=args.out))
         elif args.stage == "register":
             from pipeline.register import register_all
 

@@ -21,6 +21,7 @@ What a topology object answers (see `Topology` for signatures):
     verbs                             CLI verbs it supports besides `predict`: {"sample"} for text generators
     cli_input(pyfunc, inputs, options) `python -m pipeline predict`'s arguments -> predict's input
     cli_sample(...)                   `python -m pipeline sample`'s input (verbs holding "sample")
+    explorer                          "module:Class" of its gate explorer adapter (pipeline/explore.py)
 """
 
 from __future__ import annotations
@@ -81,6 +82,9 @@ class Topology:
     higher_is_better: bool = True
     eval_split: str = "test"
     verbs: frozenset[str] = frozenset()
+    # the gate explorer's adapter for this topology, "module:Class" (pipeline/explore.py): named, not imported,
+    # so that training never depends on the explorer's code
+    explorer: str = ""
     max_generated: int | None = None  # generators: the cap on one request's length (serving_defaults)
 
     @property

@@ -128,7 +128,7 @@ def repo(tmp_path_factory):
     for name in filter(None, listed):
         src = REPO / name
         if src.is_file() and not src.is_symlink() and not name.startswith(("metrics/", "plots/", "longrange/",
-                                                                                       "data/sources/")):
+                                                                                        "data/sources/", "probes/")):
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, root / name)
     (root / "dvc.lock").unlink(missing_ok=True)
@@ -136,7 +136,7 @@ def repo(tmp_path_factory):
     subprocess.run(["git", "init", "-q", "-b", "main", str(root)], check=True)
     commit(root, "tiny params")
     ran = stages_run(dvc(root, "repro"))
-    assert set(ran) == {f"{s}@{t}" for s in ("sources", "prepare", "train", "evaluate") for t in TASKS} | {
+    assert set(ran) == {f"{s}@{t}" for s in ("sources", "prepare", "train", "evaluate", "explore") for t in TASKS} | {
         "register", "longrange"}
     commit(root, "dvc repro: dvc.lock, metrics and plot data")
     assert subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout == ""
@@ -188,8 +188,8 @@ def test_queued_experiments_run_one_task_into_the_project_store(repo):
         pytest.fail(f"the queue did not finish: {status}")
     assert status.count("Success") == 2, status
     for name in ("lr-high", "lr-low"):
-        assert sorted(stages_run(dvc(repo, "queue", "logs", name))) == ["evaluate@gesture", "register",
-                                                                        "train@gesture"], name
+        assert sorted(stages_run(dvc(repo, "queue", "logs", name))) == ["evaluate@gesture", "explore@gesture",
+                                                                        "register", "train@gesture"], name
 
     new = [r for r in runs(repo) if r.info.run_id not in before]
     assert sorted(r.data.tags.get("dvc_experiment") for r in new) == ["lr-high", "lr-low"]
@@ -225,7 +225,8 @@ def test_queued_experiments_run_one_task_into_the_project_store(repo):
 
 def test_workspace_experiment_shows_and_diffs(repo):
     out = dvc(repo, "exp", "run", "-n", "five-epochs", "-S", "gesture.train.max_epochs=5")
-    assert sorted(stages_run(out)) == ["evaluate@gesture", "register", "train@gesture"], out[-3000:]
+    assert sorted(stages_run(out)) == ["evaluate@gesture", "explore@gesture", "register", "train@gesture"], \
+        out[-3000:]
     shown = dvc_json(repo, "exp", "show")
     for rev in ("workspace", "main", "five-epochs"):
         assert isinstance(key_metrics(shown, rev)["metrics/gesture.json"]["accuracy"], float), rev
@@ -263,7 +264,8 @@ def test_a_copy_writes_only_into_itself(repo, tmp_path):
     shutil.copytree(repo, copy, symlinks=True)
     before = files_of(repo)
     out = dvc(copy, "exp", "run", "-n", "in-the-copy", "-S", "gesture.train.lr=0.02")
-    assert sorted(stages_run(out)) == ["evaluate@gesture", "register", "train@gesture"], out[-3000:]
+    assert sorted(stages_run(out)) == ["evaluate@gesture", "explore@gesture", "register", "train@gesture"], \
+        out[-3000:]
     assert files_of(repo) == before  # not one file added or touched under the original
     run = [r for r in runs(copy) if r.data.tags.get("dvc_experiment") == "in-the-copy"]
     assert len(run) == 1 and Path(run[0].info.artifact_uri.removeprefix("file://")).is_relative_to(copy)

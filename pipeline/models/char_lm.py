@@ -161,6 +161,7 @@ SAMPLE_PRIMES = ("ROMEO:", "First Citizen:\n", "The king")  # evaluation's sampl
 class CharLMTopology(Topology):
     name = "char_lm"
     model_class = CharLM
+    explorer = "pipeline.explore:CharLMExplorer"
     key_metric, higher_is_better = "loss", False
     eval_split = "val"  # the text has no test part
     verbs = frozenset({"sample"})

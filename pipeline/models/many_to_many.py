@@ -45,6 +45,7 @@ class ManyToMany(RecurrentModule):
 class ManyToManyTopology(Topology):
     name = "many_to_many"
     model_class = ManyToMany
+    explorer = "pipeline.explore:ManyToManyExplorer"
 
     def settings(self, inputs: str) -> frozenset[str]:
         return frozenset({"model.bidirectional"})

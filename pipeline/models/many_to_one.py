@@ -67,6 +67,7 @@ class ManyToOne(RecurrentModule):
 class ManyToOneTopology(Topology):
     name = "many_to_one"
     model_class = ManyToOne
+    explorer = "pipeline.explore:ManyToOneExplorer"
 
     def settings(self, inputs: str) -> frozenset[str]:
         return frozenset({"model.bidirectional", "model.embedding_dim" if inputs == "tokens" else "model.frame_stride"})

@@ -135,6 +135,7 @@ class OneToMany(RecurrentModule):
 class OneToManyTopology(Topology):
     name = "one_to_many"
     model_class = OneToMany
+    explorer = "pipeline.explore:MelodyExplorer"
     key_metric, higher_is_better = "nll", False
 
     def settings(self, inputs: str) -> frozenset[str]:

@@ -56,6 +56,7 @@ class OneToOne(RecurrentModule):
 class OneToOneTopology(Topology):
     name = "one_to_one"
     model_class = OneToOne
+    explorer = "pipeline.explore:OneStepExplorer"
 
     def settings(self, inputs: str) -> frozenset[str]:
         return frozenset({"train.augment_shift"}) if inputs == "images" else frozenset()

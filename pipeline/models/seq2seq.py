@@ -148,6 +148,7 @@ class Seq2Seq(RecurrentModule):
 class Seq2SeqTopology(Topology):
     name = "seq2seq"
     model_class = Seq2Seq
+    explorer = "pipeline.explore:Seq2SeqExplorer"
     key_metric = "exact_match"
 
     def settings(self, inputs: str) -> frozenset[str]:
