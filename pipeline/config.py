@@ -106,6 +106,24 @@ class CharLMData(SplitData):
     test_fraction: float = Field(0.0, ge=0.0, lt=1.0)
 
 
+class ChatbotData(SplitData):
+    # conversations are split first (whole conversations per split), then each split's message -> reply pairs
+    # are subsampled to its share of max_pairs
+    max_pairs: int = Field(12000, gt=0)
+    max_message_tokens: int = Field(24, gt=0)  # a longer message keeps its last tokens
+    max_reply_tokens: int = Field(20, gt=0)  # longer replies are left out (a cut reply would teach cut replies)
+    min_count: int = Field(2, ge=1)  # rarer words map to <unk>
+    max_vocab: int = Field(3000, gt=4)
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+
+
+class FraudData(SplitData):
+    max_rows: int | None = Field(None, gt=0)  # None: all 49,097 rows of river's Shuttle
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+
+
 # --- model and training: shared shape for every task ------------------------------------------
 
 

@@ -1,0 +1,124 @@
+"""The chatbot's evaluation: perplexity of held-out replies, distinct-n of generated replies, dialogues.
+
+Metrics the field uses for open-domain dialogue models:
+
+- perplexity: exp of the mean negative log-likelihood per reply token (every word and the final
+  <eos>, given the message and the reference reply so far: teacher forcing), over the replies of
+  held-out conversations; the vocabulary's <unk> counts as one word, as in the baseline.
+- distinct-1 / distinct-2 (Li et al. 2016, "A Diversity-Promoting Objective Function for Neural
+  Conversation Models"): distinct n-grams over all n-grams of the generated replies of the split.
+  A model that answers everything with "i don't know" scores near 0.
+
+Baselines on the same vocabulary and split: a unigram model of the training replies (add-one
+smoothed) for perplexity; the most frequent training reply, given to every message, for distinct-n.
+Replies are decoded greedily with <unk> (and <pad>, <bos>) never chosen.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+BATCH = 256
+MAX_REPLY = 30  # tokens generated at most per reply
+PROMPTS = ("hi! how are you?", "what do you do for fun?", "do you have any pets?", "what is your favorite movie?",
+           "i just got back from a trip to hawaii.", "i'm so tired today.")
+
+
+def distinct_n(replies: list[list[str]], n: int) -> float:
+    """Distinct n-grams / all n-grams over every reply (0.0 when there is no n-gram at all)."""
+    grams = [tuple(r[i : i + n]) for r in replies for i in range(len(r) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def unigram_nll(train_ids: np.ndarray, test_ids: np.ndarray, vocab_size: int) -> float:
+    """Mean negative log-likelihood (nats) of test_ids under the add-one smoothed unigram model of train_ids."""
+    counts = np.bincount(train_ids, minlength=vocab_size) + 1.0
+    logp = np.log(counts / counts.sum())
+    return float(-logp[test_ids].mean())
+
+
+def reply_ids(arrays: dict) -> np.ndarray:
+    """Every predicted position of the replies: the tokens after <bos>, up to and with <eos>."""
+    return np.concatenate([row[1:n] for row, n in zip(arrays["tgt"], arrays["tgt_lengths"])])
+
+
+@torch.no_grad()
+def greedy_replies(model, src: torch.Tensor, src_lengths: torch.Tensor, banned: tuple[int, ...],
+                   bos: int, eos: int, max_len: int = MAX_REPLY) -> list[list[int]]:
+    """Greedy decoding with `banned` token ids never chosen: (B, S) messages -> B lists of reply ids (no <eos>).
+
+    Uses the seq2seq model's `encode` and `decode_steps`; the same steps as its `greedy`, plus the ban."""
+    memory, state, src_mask = model.encode(src, src_lengths)
+    token = torch.full((src.shape[0], 1), bos, dtype=torch.long, device=src.device)
+    steps, done = [], torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)
+    for _ in range(max_len):
+        logits, state = model.decode_steps(token, state, memory, src_mask)
+        logits = logits[:, -1]
+        logits[:, list(banned)] = float("-inf")
+        token = logits.argmax(-1, keepdim=True)
+        steps.append(token[:, 0])
+        done |= token[:, 0] == eos
+        if bool(done.all()):
+            break
+    rows = torch.stack(steps, 1).tolist() if steps else [[] for _ in range(src.shape[0])]
+    return [row[: row.index(eos)] if eos in row else row for row in rows]
+
+
+def reply_to(model, messages: list[list[int]], tokens: list[str]) -> list[list[int]]:
+    """Greedy replies (ids) to messages given as id lists (each non-empty)."""
+    from pipeline.datasets.chatbot import BOS, EOS, PAD, UNK
+
+    index = {t: i for i, t in enumerate(tokens[:4])}
+    out = []
+    for start in range(0, len(messages), BATCH):
+        chunk = messages[start : start + BATCH]
+        src = torch.zeros(len(chunk), max(map(len, chunk)), dtype=torch.long)
+        for row, ids in zip(src, chunk):
+            row[: len(ids)] = torch.tensor(ids)
+        lengths = torch.tensor([len(ids) for ids in chunk])
+        out += greedy_replies(model, src, lengths, (index[PAD], index[UNK], index[BOS]), index[BOS], index[EOS])
+    return out
+
+
+def converse(model, dm, split: str, out: Path, samples: Path) -> tuple[dict, dict]:
+    """The chatbot evaluator: (metrics, baseline); writes samples/dialogues.tsv and samples/prompts.tsv."""
+    from pipeline.datasets.chatbot import detokenize, encode_message
+
+    tokens = dm.vocab["tgt_tokens"]
+    test, train = dm.split(split), dm.split("train")
+    total, count = 0.0, 0
+    for batch in dm.loader(split, batch_size=BATCH):
+        s, n = model.loss_terms(batch)
+        total, count = total + float(s), count + int(n)
+    nll = total / count
+    messages = [row[:n].tolist() for row, n in zip(test["src"], test["src_lengths"])]
+    generated = [[tokens[i] for i in ids] for ids in reply_to(model, messages, tokens)]
+    references = [[tokens[i] for i in row[1 : n - 1]] for row, n in zip(test["tgt"], test["tgt_lengths"])]
+    lines = ["message\treference reply\tmodel reply"]
+    for ids, ref, hyp in list(zip(messages, references, generated))[:200]:
+        lines.append("\t".join(detokenize(x) for x in ([tokens[i] for i in ids], ref, hyp)))
+    (samples / "dialogues.tsv").write_text("\n".join(lines) + "\n")
+    prompt_ids = [encode_message(p, dm.vocab) or [1] for p in PROMPTS]
+    answers = reply_to(model, prompt_ids, tokens)
+    (samples / "prompts.tsv").write_text("message\tmodel reply\n" + "".join(
+        f"{p}\t{detokenize([tokens[i] for i in a])}\n" for p, a in zip(PROMPTS, answers)))
+    common = Counter(tuple(row[1 : n - 1].tolist()) for row, n in zip(train["tgt"], train["tgt_lengths"]))
+    top = [tokens[i] for i in common.most_common(1)[0][0]]
+    base_nll = unigram_nll(reply_ids(train), reply_ids(test), len(tokens))
+    metrics = {"perplexity": math.exp(nll), "nll": nll,
+               "distinct_1": distinct_n(generated, 1), "distinct_2": distinct_n(generated, 2),
+               "reference_distinct_1": distinct_n(references, 1), "reference_distinct_2": distinct_n(references, 2),
+               "reply_length": float(np.mean([len(r) for r in generated])),
+               "distinct_replies": len({tuple(r) for r in generated}) / max(1, len(generated))}
+    baseline = {"name": f"unigram training replies (perplexity); the most frequent training reply "
+                        f"{' '.join(top)!r} to every message (distinct-n)",
+                "perplexity": math.exp(base_nll), "nll": base_nll,
+                "distinct_1": distinct_n([top] * len(references), 1),
+                "distinct_2": distinct_n([top] * len(references), 2)}
+    return metrics, baseline
+
