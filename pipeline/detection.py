@@ -121,3 +121,76 @@ def detect(model, dm, split: str, out: Path, samples: Path) -> tuple[dict, dict]
                 "average_precision": lr_scores["average_precision"], "f1": lr_scores["f1"],
                 "roc_auc": lr_scores["roc_auc"], "majority_average_precision": rate, "majority_f1": 0.0}
     return metrics, baseline
+
+
+# --- serving: named rows in, label and probabilities out ------------------------------------------
+
+
+def feature_rows(model_input, features: list[str]) -> np.ndarray:
+    """(N, F) float64 raw feature values, in `features` order, from a DataFrame with those named columns (any
+    order), a dict of columns, a list of records, or one record (a dict of scalars). Every problem is an
+    InputError naming the row and column: a missing or unknown column, a missing cell, a value that is not a
+    finite number (numeric strings, as CSV gives them, are read; booleans are not)."""
+    import pandas as pd
+
+    from pipeline.serving_inputs import InputError, _number, at, is_missing
+
+    if isinstance(model_input, dict) and not any(isinstance(v, (list, tuple, np.ndarray, pd.Series))
+                                                 for v in model_input.values()):
+        model_input = [model_input]  # one record
+    if isinstance(model_input, dict):
+        try:
+            model_input = pd.DataFrame(model_input)
+        except ValueError as err:
+            raise InputError(f"the columns must all have the same number of rows ({err})") from None
+    elif isinstance(model_input, (list, tuple)):
+        if not all(isinstance(r, dict) for r in model_input):
+            raise InputError(f"expected rows with the named columns {', '.join(features)}: a DataFrame, a dict "
+                             "of columns or a list of records")
+        model_input = pd.DataFrame(list(model_input), columns=None)
+    if not isinstance(model_input, pd.DataFrame):
+        raise InputError(f"expected a DataFrame with the columns {', '.join(features)}; "
+                         f"got {type(model_input).__name__}")
+    columns = [str(c) for c in model_input.columns]
+    unknown = [c for c in columns if c not in features]
+    if unknown:
+        raise InputError(f"unknown column(s) {', '.join(map(repr, unknown))}; known: {', '.join(features)}")
+    missing = [f for f in features if f not in columns]
+    if missing and len(model_input):
+        raise InputError(f"missing column(s) {', '.join(map(repr, missing))}; every row needs "
+                         f"{', '.join(features)}")
+    x = np.zeros((len(model_input), len(features)))
+    frame = model_input.reset_index(drop=True)
+    frame.columns = columns
+    for j, name in enumerate(features):
+        if not len(frame):
+            break
+        for i, value in enumerate(frame[name].tolist()):
+            if isinstance(value, np.ndarray) and value.ndim == 0:
+                value = value.item()  # JSON "instances" cells
+            if is_missing(value):
+                raise InputError(f"{at(i, name)}: missing value; every feature must be set")
+            number = float(_number(value, at(i, name), "a finite number"))
+            if not np.isfinite(number):
+                raise InputError(f"{at(i, name)}: expected a finite number, got {value!r}")
+            x[i, j] = number
+    return x
+
+
+def classify_rows(model, vocab: dict, model_input):
+    """Rows -> DataFrame(label, probability (of that label), probability_<label> per class): the raw features
+    are standardized with the training split's statistics in `vocab`, as the prepared data were."""
+    import pandas as pd
+
+    x = feature_rows(model_input, vocab["features"])
+    scaled = ((x - np.asarray(vocab["mean"])) / np.asarray(vocab["std"])).astype(np.float32)
+    labels = vocab["labels"]
+    with torch.no_grad():
+        probs = (torch.softmax(model(torch.from_numpy(scaled)), -1).numpy() if len(scaled)
+                 else np.zeros((0, len(labels)), dtype=np.float32))
+    best = probs.argmax(-1)
+    out = pd.DataFrame({"label": pd.Series([labels[i] for i in best], dtype=object),
+                        "probability": pd.Series(probs[np.arange(len(best)), best], dtype=np.float64)})
+    for k, label in enumerate(labels):
+        out[f"probability_{label}"] = pd.Series(probs[:, k], dtype=np.float64)
+    return out

@@ -122,3 +122,24 @@ def converse(model, dm, split: str, out: Path, samples: Path) -> tuple[dict, dic
                 "distinct_2": distinct_n([top] * len(references), 2)}
     return metrics, baseline
 
+
+
+def answer(model, vocab: dict, messages: list[str]):
+    """Messages -> DataFrame(message, reply, unknown_share): the greedy reply to each message (its last
+    vocab["max_message_tokens"] tokens, as in training) and the share of its tokens outside the vocabulary. A message
+    without any token (empty, spaces) gets reply None: there is nothing to answer."""
+    import pandas as pd
+
+    from pipeline.datasets.chatbot import UNK, detokenize, encode_message
+
+    tokens = vocab["tgt_tokens"]
+    unk = tokens.index(UNK)
+    ids = [encode_message(m, vocab, vocab.get("max_message_tokens")) for m in messages]
+    shares = [sum(i == unk for i in s) / len(s) if s else 0.0 for s in ids]
+    replies: list[str | None] = [None] * len(messages)
+    asked = [i for i, s in enumerate(ids) if s]
+    if asked:
+        for i, reply in zip(asked, reply_to(model, [ids[i] for i in asked], tokens)):
+            replies[i] = detokenize([tokens[t] for t in reply])
+    return pd.DataFrame({"message": pd.Series(messages, dtype=object), "reply": pd.Series(replies, dtype=object),
+                         "unknown_share": pd.Series(shares, dtype=np.float64)})

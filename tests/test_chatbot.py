@@ -197,3 +197,20 @@ def test_a_tiny_model_learns_and_the_evaluator_reports(prepared, tmp_path):
     assert all(len(line.split("\t")) == 3 for line in lines)
     assert "<unk>" not in "".join(line.split("\t")[2] for line in lines[1:])
     assert len((samples / "prompts.tsv").read_text().splitlines()) == 7
+
+
+def test_answer_takes_messages_as_text():
+    from pipeline.dialogue import answer, reply_to
+
+    vocab = built().vocab
+    tokens = vocab["tgt_tokens"]
+    model = _model(tokens, seed=1).eval()
+    long = " ".join(["well"] * 30 + ["do", "you", "like", "dogs", "?"])
+    out = answer(model, vocab, ["Do you like dogs?", "", "zzqx", long])
+    assert list(out.columns) == ["message", "reply", "unknown_share"] and len(out) == 4
+    expected = reply_to(model, [chatbot.encode_message("do you like dogs ?", vocab)], tokens)[0]
+    assert out["reply"][0] == chatbot.detokenize([tokens[i] for i in expected])
+    assert out["reply"][1] is None and out["unknown_share"][1] == 0.0  # nothing to answer
+    assert out["unknown_share"][2] == 1.0 and isinstance(out["reply"][2], str)
+    cut = " ".join(chatbot.tokenize(long)[-SMALL.max_message_tokens :])
+    assert out["reply"][3] == answer(model, vocab, [cut])["reply"][0]  # cut to its last tokens, as in training

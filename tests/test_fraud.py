@@ -153,3 +153,37 @@ def test_a_tiny_model_learns_and_the_evaluator_reports(prepared, tmp_path):
     assert suspicious[0].split("\t") == ["probability", "actual", *FEATURES] and len(suspicious) == 51
     probabilities = [float(line.split("\t")[0]) for line in suspicious[1:]]
     assert probabilities == sorted(probabilities, reverse=True)
+
+
+def test_classify_rows_takes_named_raw_rows():
+
+    from pipeline.detection import classify_rows
+    from pipeline.models.one_to_one import OneToOne
+    from pipeline.serving_inputs import InputError
+
+    vocab = built().vocab
+    torch.manual_seed(0)
+    model = OneToOne(vocab=vocab, dims={"input_shape": [9]}, model={"hidden_size": 8}, train={}).eval()
+    frame = fraud.example()
+    out = classify_rows(model, vocab, frame)
+    assert list(out.columns) == ["label", "probability", "probability_normal", "probability_anomaly"]
+    scaled = torch.tensor(((frame.to_numpy() - vocab["mean"]) / vocab["std"]), dtype=torch.float32)
+    with torch.no_grad():
+        expected = torch.softmax(model(scaled), -1).numpy()
+    assert np.allclose(out[["probability_normal", "probability_anomaly"]].to_numpy(), expected, atol=1e-6)
+    assert np.allclose(out["probability"], expected.max(1)) and (out["label"] == np.array(vocab["labels"])[
+        expected.argmax(1)]).all()
+    shuffled = frame[frame.columns[::-1]]
+    assert classify_rows(model, vocab, shuffled).equals(out)  # columns by name, not position
+    assert classify_rows(model, vocab, frame.astype(str)).equals(out)  # CSV: numeric strings
+    assert classify_rows(model, vocab, frame.to_dict("records")).equals(out)
+    assert classify_rows(model, vocab, frame.iloc[0].to_dict()).equals(out.iloc[:1])  # one record
+    assert len(classify_rows(model, vocab, frame.iloc[:0])) == 0
+    for bad, message in ((frame.drop(columns="f3"), "missing column.*'f3'"),
+                         (frame.assign(amount=1.0), "unknown column.*'amount'"),
+                         (frame.assign(f2=[1.0, np.nan]), "row 1, column 'f2': missing"),
+                         (frame.assign(f5=["x", "1"]), "row 0, column 'f5'.*string"),
+                         (frame.assign(f9=[np.inf, 1.0]), "row 0, column 'f9'.*finite"),
+                         ([[1, 2, 3]], "records")):
+        with pytest.raises(InputError, match=message):
+            classify_rows(model, vocab, bad)

@@ -17,7 +17,8 @@ kept whole, each punctuation mark a token) comes from the training pairs only; <
     tgt (N, T) int64: <bos> reply tokens <eos>, tgt_lengths (N,) counting <bos> and <eos>
     conversation (N,) int64: the conversation's index in the file's sorted conversation ids
 
-`tokenize`, `encode_message` and `detokenize` are what predict uses.
+`tokenize`, `encode_message` and `detokenize` are what predict uses; it cuts a message to the vocab's
+`max_message_tokens`, as here.
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ def build(cfg: ChatbotData, seed: int) -> Prepared:
         unk_rate[split] = round(float((real == unk).mean()), 4) if len(real) else 0.0
     return Prepared(
         splits=splits,
-        vocab={"src_tokens": tokens, "tgt_tokens": tokens},
+        vocab={"src_tokens": tokens, "tgt_tokens": tokens, "max_message_tokens": cfg.max_message_tokens},
         source=source(
             "chitchat-dataset",
             "MIT (chitchat-dataset, BYU PCC lab's Chit Chat Challenge)",
