@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 PARAMS_FILE = "params.yaml"
 
-TASKS = ("digits", "melody", "sentiment", "gesture", "translation", "activity", "charlm")
+TASKS = ("digits", "melody", "sentiment", "gesture", "translation", "activity", "charlm", "chatbot", "fraud")
 
 # Lightning's registered strategy names (StrategyRegistry), checked without importing Lightning
 # so that even `prepare` rejects a typo before doing any work.
@@ -109,11 +109,11 @@ class CharLMData(SplitData):
 class ChatbotData(SplitData):
     # conversations are split first (whole conversations per split), then each split's message -> reply pairs
     # are subsampled to its share of max_pairs
-    max_pairs: int = Field(12000, gt=0)
-    max_message_tokens: int = Field(24, gt=0)  # a longer message keeps its last tokens
-    max_reply_tokens: int = Field(20, gt=0)  # longer replies are left out (a cut reply would teach cut replies)
+    max_pairs: int = Field(12500, gt=0)
+    max_message_tokens: int = Field(16, gt=0)  # a longer message keeps its last tokens
+    max_reply_tokens: int = Field(10, gt=0)  # longer replies are left out (a cut reply would teach cut replies)
     min_count: int = Field(2, ge=1)  # rarer words map to <unk>
-    max_vocab: int = Field(3000, gt=4)
+    max_vocab: int = Field(1000, gt=4)
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
 
@@ -185,6 +185,14 @@ class CharLMParams(TaskParams):
     data: CharLMData = CharLMData()
 
 
+class ChatbotParams(TaskParams):
+    data: ChatbotData = ChatbotData()
+
+
+class FraudParams(TaskParams):
+    data: FraudData = FraudData()
+
+
 class TrainerConfig(Section):
     """Passed to `lightning.Trainer` as it is."""
 
@@ -248,6 +256,8 @@ class Params(Section):
     translation: TranslationParams = TranslationParams()
     activity: ActivityParams = ActivityParams()
     charlm: CharLMParams = CharLMParams()
+    chatbot: ChatbotParams = ChatbotParams()
+    fraud: FraudParams = FraudParams()
 
     @field_validator("tasks")
     @classmethod

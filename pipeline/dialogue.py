@@ -10,8 +10,10 @@ Metrics the field uses for open-domain dialogue models:
   A model that answers everything with "i don't know" scores near 0.
 
 Baselines on the same vocabulary and split: a unigram model of the training replies (add-one
-smoothed) for perplexity; the most frequent training reply, given to every message, for distinct-n.
-Replies are decoded greedily with <unk> (and <pad>, <bos>) never chosen.
+smoothed) for perplexity; the most frequent training reply without <unk>, given to every message, for
+distinct-n. Replies are decoded greedily with <unk> (and <pad>, <bos>) never chosen and no word trigram
+repeated within a reply (BlenderBot's 3-gram blocking, Roller et al. 2021; `no_repeat_ngram_size` in
+Hugging Face's generate): a small model's greedy reply otherwise loops ("of the the the the ...").
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import numpy as np
 import torch
 
 BATCH = 256
-MAX_REPLY = 30  # tokens generated at most per reply
+MAX_REPLY = 20  # tokens generated at most per reply when the vocab does not say (its max_reply_tokens)
+BLOCK_NGRAM = 3  # no n-gram of this size twice in one reply
 PROMPTS = ("hi! how are you?", "what do you do for fun?", "do you have any pets?", "what is your favorite movie?",
            "i just got back from a trip to hawaii.", "i'm so tired today.")
 
@@ -47,12 +50,23 @@ def reply_ids(arrays: dict) -> np.ndarray:
     return np.concatenate([row[1:n] for row, n in zip(arrays["tgt"], arrays["tgt_lengths"])])
 
 
+def blocked(reply: list[int], n: int) -> list[int]:
+    """The tokens that would complete an n-gram already in `reply` (its last n-1 tokens seen before)."""
+    if n < 1 or len(reply) < n - 1:
+        return []
+    if n == 1:
+        return list(reply)
+    prefix = reply[len(reply) - n + 1 :]
+    return [reply[i + n - 1] for i in range(len(reply) - n + 1) if reply[i : i + n - 1] == prefix]
+
+
 @torch.no_grad()
 def greedy_replies(model, src: torch.Tensor, src_lengths: torch.Tensor, banned: tuple[int, ...],
-                   bos: int, eos: int, max_len: int = MAX_REPLY) -> list[list[int]]:
-    """Greedy decoding with `banned` token ids never chosen: (B, S) messages -> B lists of reply ids (no <eos>).
+                   bos: int, eos: int, max_len: int = MAX_REPLY, block_ngram: int = 0) -> list[list[int]]:
+    """Greedy decoding with `banned` token ids never chosen and, with block_ngram n > 0, no n-gram twice in a
+    reply: (B, S) messages -> B lists of reply ids (no <eos>).
 
-    Uses the seq2seq model's `encode` and `decode_steps`; the same steps as its `greedy`, plus the ban."""
+    Uses the seq2seq model's `encode` and `decode_steps`; the same steps as its `greedy`, plus the constraints."""
     memory, state, src_mask = model.encode(src, src_lengths)
     token = torch.full((src.shape[0], 1), bos, dtype=torch.long, device=src.device)
     steps, done = [], torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)
@@ -60,6 +74,10 @@ def greedy_replies(model, src: torch.Tensor, src_lengths: torch.Tensor, banned: 
         logits, state = model.decode_steps(token, state, memory, src_mask)
         logits = logits[:, -1]
         logits[:, list(banned)] = float("-inf")
+        if block_ngram and steps:
+            so_far = torch.stack(steps, 1).tolist()
+            for b, reply in enumerate(so_far):
+                logits[b, blocked(reply, block_ngram)] = float("-inf")
         token = logits.argmax(-1, keepdim=True)
         steps.append(token[:, 0])
         done |= token[:, 0] == eos
@@ -69,11 +87,13 @@ def greedy_replies(model, src: torch.Tensor, src_lengths: torch.Tensor, banned: 
     return [row[: row.index(eos)] if eos in row else row for row in rows]
 
 
-def reply_to(model, messages: list[list[int]], tokens: list[str]) -> list[list[int]]:
-    """Greedy replies (ids) to messages given as id lists (each non-empty)."""
+def reply_to(model, messages: list[list[int]], vocab: dict) -> list[list[int]]:
+    """Greedy replies (ids; <unk> banned, trigrams blocked, at most the vocab's max_reply_tokens) to messages
+    given as id lists (each non-empty)."""
     from pipeline.datasets.chatbot import BOS, EOS, PAD, UNK
 
-    index = {t: i for i, t in enumerate(tokens[:4])}
+    index = {t: i for i, t in enumerate(vocab["tgt_tokens"][:4])}
+    max_len = vocab.get("max_reply_tokens", MAX_REPLY)
     out = []
     for start in range(0, len(messages), BATCH):
         chunk = messages[start : start + BATCH]
@@ -81,7 +101,8 @@ def reply_to(model, messages: list[list[int]], tokens: list[str]) -> list[list[i
         for row, ids in zip(src, chunk):
             row[: len(ids)] = torch.tensor(ids)
         lengths = torch.tensor([len(ids) for ids in chunk])
-        out += greedy_replies(model, src, lengths, (index[PAD], index[UNK], index[BOS]), index[BOS], index[EOS])
+        out += greedy_replies(model, src, lengths, (index[PAD], index[UNK], index[BOS]), index[BOS], index[EOS],
+                              max_len, BLOCK_NGRAM)
     return out
 
 
@@ -97,18 +118,18 @@ def converse(model, dm, split: str, out: Path, samples: Path) -> tuple[dict, dic
         total, count = total + float(s), count + int(n)
     nll = total / count
     messages = [row[:n].tolist() for row, n in zip(test["src"], test["src_lengths"])]
-    generated = [[tokens[i] for i in ids] for ids in reply_to(model, messages, tokens)]
+    generated = [[tokens[i] for i in ids] for ids in reply_to(model, messages, dm.vocab)]
     references = [[tokens[i] for i in row[1 : n - 1]] for row, n in zip(test["tgt"], test["tgt_lengths"])]
     lines = ["message\treference reply\tmodel reply"]
     for ids, ref, hyp in list(zip(messages, references, generated))[:200]:
         lines.append("\t".join(detokenize(x) for x in ([tokens[i] for i in ids], ref, hyp)))
     (samples / "dialogues.tsv").write_text("\n".join(lines) + "\n")
     prompt_ids = [encode_message(p, dm.vocab) or [1] for p in PROMPTS]
-    answers = reply_to(model, prompt_ids, tokens)
+    answers = reply_to(model, prompt_ids, dm.vocab)
     (samples / "prompts.tsv").write_text("message\tmodel reply\n" + "".join(
         f"{p}\t{detokenize([tokens[i] for i in a])}\n" for p, a in zip(PROMPTS, answers)))
     common = Counter(tuple(row[1 : n - 1].tolist()) for row, n in zip(train["tgt"], train["tgt_lengths"]))
-    top = [tokens[i] for i in common.most_common(1)[0][0]]
+    top = [tokens[i] for i in next(reply for reply, _ in common.most_common() if 1 not in reply)]
     base_nll = unigram_nll(reply_ids(train), reply_ids(test), len(tokens))
     metrics = {"perplexity": math.exp(nll), "nll": nll,
                "distinct_1": distinct_n(generated, 1), "distinct_2": distinct_n(generated, 2),
@@ -139,7 +160,7 @@ def answer(model, vocab: dict, messages: list[str]):
     replies: list[str | None] = [None] * len(messages)
     asked = [i for i, s in enumerate(ids) if s]
     if asked:
-        for i, reply in zip(asked, reply_to(model, [ids[i] for i in asked], tokens)):
+        for i, reply in zip(asked, reply_to(model, [ids[i] for i in asked], vocab)):
             replies[i] = detokenize([tokens[t] for t in reply])
     return pd.DataFrame({"message": pd.Series(messages, dtype=object), "reply": pd.Series(replies, dtype=object),
                          "unknown_share": pd.Series(shares, dtype=np.float64)})

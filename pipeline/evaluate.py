@@ -271,7 +271,7 @@ def evaluate(task_name: str, params: Params, *, data_root: Path = DATA_ROOT, mod
     with atomic_dir(plots_dir) as tmp_plots, atomic_dir(figures_dir) as tmp_figures, \
             atomic_dir(samples_dir) as tmp_samples:
         with torch.no_grad():
-            metrics, baseline = EVALUATORS[task.topology](model, dm, split, tmp_plots, tmp_samples)
+            metrics, baseline = task.evaluate(model, dm, split, tmp_plots, tmp_samples)
         if task.key_metric not in metrics:
             raise PipelineError(f"{task_name}: the evaluator did not report the key metric {task.key_metric}")
         for picture in tmp_plots.glob("*.png"):  # evaluators draw next to their data: pictures go to the cache

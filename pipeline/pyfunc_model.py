@@ -11,6 +11,10 @@ user's copy:
                                                                                       unknown_share
   translator (translation)      `text`                                             -> text, translation,
                                                                                       unknown_share
+  chatbot (chatbot)             `message`                                          -> message, reply,
+                                                                                      unknown_share
+  table classifier (fraud)      rows with the named feature columns, raw units     -> label, probability,
+                                                                                      probability_<label>
   char LM (charlm)              `prime` [, length, temperature, top_k, seed]       -> text
   melody (one_to_many)          `seed` note "C5|1.0" [, length, temperature, top_k, random_seed] -> seed, melody
   image classifier (digits)     images (N, 28, 28) with pixels in [0, 1]           -> label, probability
@@ -155,6 +159,14 @@ class RNNPyfunc(PythonModel):
                              "probability": pd.Series(probabilities, dtype=object),
                              "unknown_share": pd.Series(shares, dtype=np.float64)})
 
+    def _chat(self, model_input) -> pd.DataFrame:
+        """A message without any token (empty, spaces) gets reply None; see pipeline.dialogue.answer."""
+        from pipeline.dialogue import answer
+
+        frame = inputs.table(model_input, "message")
+        messages = [inputs.text(v, inputs.at(i, "message")) for i, v in enumerate(frame["message"].tolist())]
+        return answer(self.model, self.vocab, messages)
+
     # --- features in ------------------------------------------------------------------------------------
 
     def _forward(self, x: torch.Tensor, *lengths: torch.Tensor) -> torch.Tensor:
@@ -168,6 +180,11 @@ class RNNPyfunc(PythonModel):
         return pd.DataFrame({"label": pd.Series([labels[i] for i in best.tolist()], dtype=object),
                              "probability": pd.Series(probs.gather(-1, best[:, None])[:, 0].tolist(),
                                                       dtype=np.float64)})
+
+    def _rows(self, model_input) -> pd.DataFrame:
+        from pipeline.detection import classify_rows
+
+        return classify_rows(self.model, self.vocab, model_input)
 
     def _images(self, model_input) -> pd.DataFrame:
         x = inputs.images(model_input, self.info["hparams"]["dims"]["input_shape"])

@@ -142,6 +142,23 @@ def _feature_rows(model, task: str, files: list[tuple[str, object]]) -> list:
     return rows
 
 
+def _csv_rows(names: list[str]):
+    """Table rows from .csv files whose header names the feature columns (one DataFrame, files in order)."""
+    import pandas as pd
+
+    frames = []
+    for name in names:
+        if not name.endswith(".csv"):
+            raise PipelineError(f"a table model takes .csv files whose header names its feature columns; got {name!r}")
+        if not Path(name).is_file():
+            raise PipelineError(f"{name}: no such file")
+        try:
+            frames.append(pd.read_csv(name))
+        except Exception as err:
+            raise PipelineError(f"{name}: not a readable CSV ({first_line(err)})") from None
+    return pd.concat(frames, ignore_index=True)
+
+
 def predict(params: Params, task: str, inputs: list[str], uri: str | None, **options) -> str:
     import pandas as pd
 
@@ -166,6 +183,10 @@ def predict(params: Params, task: str, inputs: list[str], uri: str | None, **opt
         raise PipelineError(f"{', '.join(set_options)}: only for generators (charlm, melody), not {task}")
     elif kind in ("text", "translation"):
         out = _run(model, pd.DataFrame({"text": inputs}))
+    elif kind == "chat":
+        out = _run(model, pd.DataFrame({"message": inputs}))
+    elif kind == "rows":
+        out = _run(model, _csv_rows(inputs))
     else:
         out = _run(model, _feature_rows(model, task, _arrays(inputs, task)))
     return out.to_string(index=False)

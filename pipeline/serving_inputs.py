@@ -5,6 +5,8 @@ One contract per kind of model (`kind_of`: from the topology and vocabulary in c
 
     text          sentiment     column `text`: a string, "" allowed
     translation   translation   column `text`: a string, "" allowed
+    chat          chatbot       column `message`: a string, "" allowed (no reply)
+    rows          fraud         a DataFrame (or records, or one record) with the named feature columns, numbers
     charlm        charlm        column `prime`: a non-empty string of known characters
                                 [, `length`, `temperature`, `top_k`, `seed`]
     melody        melody        column `seed`: a known note such as "C5|1.0"
@@ -76,6 +78,10 @@ class PredictError(OneLineError):
 def kind_of(info: dict) -> str:
     """Which input contract a trained model takes (its config.json: topology and vocabulary)."""
     topology, vocab = info["topology"], info["hparams"]["vocab"]
+    if topology == "seq2seq" and "max_message_tokens" in vocab:
+        return "chat"  # chatbot: a message -> a reply
+    if topology == "one_to_one" and "features" in vocab:
+        return "rows"  # fraud: named table rows -> label and probabilities
     if topology in ("char_lm", "one_to_many", "seq2seq", "one_to_one", "many_to_many"):
         return {"char_lm": "charlm", "one_to_many": "melody", "seq2seq": "translation", "one_to_one": "images",
                 "many_to_many": "steps"}[topology]

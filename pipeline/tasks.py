@@ -25,6 +25,7 @@ class Task:
     key_metric: str
     higher_is_better: bool
     uses: tuple[str, ...] = ()  # the OPTIONAL_SETTINGS this task's model and data module read
+    evaluator: str | None = None  # "module:function" under pipeline: evaluation other than its topology's
 
     @property
     def eval_split(self) -> str:
@@ -41,6 +42,17 @@ class Task:
     def data_module(self):
         """pipeline.datasets.<task>: build(cfg, seed) -> Prepared."""
         return importlib.import_module(f"pipeline.datasets.{self.name}")
+
+    @property
+    def evaluate(self):
+        """(model, dm, split, plots dir, samples dir) -> (metrics, baseline): the task's own evaluator, else its
+        topology's (pipeline.evaluate.EVALUATORS)."""
+        if self.evaluator is None:
+            from pipeline.evaluate import EVALUATORS
+
+            return EVALUATORS[self.topology]
+        module, function = self.evaluator.split(":")
+        return getattr(importlib.import_module(f"pipeline.{module}"), function)
 
     @property
     def model_class(self):
@@ -61,6 +73,9 @@ REGISTRY: dict[str, Task] = {
              ("model.embedding_dim", "model.attention", "model.bidirectional")),
         Task("activity", "many_to_many", "many_to_many:ManyToMany", "accuracy", True, ("model.bidirectional",)),
         Task("charlm", "char_lm", "char_lm:CharLM", "loss", False, ("model.embedding_dim", "train.block_size")),
+        Task("chatbot", "seq2seq", "seq2seq:Seq2Seq", "perplexity", False,
+             ("model.embedding_dim", "model.attention", "model.bidirectional"), "dialogue:converse"),
+        Task("fraud", "one_to_one", "one_to_one:OneToOne", "average_precision", True, (), "detection:detect"),
     )
 }
 assert tuple(REGISTRY) == TASKS

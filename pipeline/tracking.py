@@ -431,6 +431,8 @@ def _signature_and_example(model_dir: Path):
         return None, pd.DataFrame({"text": ["three hundred and forty-two", "seven"]})
     if kind == "text":
         return None, pd.DataFrame({"text": ["a gripping, beautifully acted film", "dull and lifeless"]})
+    if kind == "chat":
+        return None, pd.DataFrame({"message": ["hi! how are you?", "what do you do for fun?"]})
     return None, get_task(info["task"]).data_module.example()
 
 

@@ -154,6 +154,21 @@ def test_greedy_replies_equal_the_models_greedy_without_a_ban_and_respect_it():
     banned = greedy_replies(model, src, n, (0, 1, 2), 2, 3, max_len=12)
     assert all(1 not in r and 0 not in r and 2 not in r for r in banned)
     assert all(r == [1] * 12 for r in model.greedy(src, n, max_len=12))
+    with torch.no_grad():  # now the likeliest word everywhere is word 7: trigram blocking must break the loop
+        model.out.bias[1], model.out.bias[7] = 0.0, 50.0
+    assert all(r == [7] * 12 for r in greedy_replies(model, src, n, (0, 1, 2), 2, 3, max_len=12))
+    for reply in greedy_replies(model, src, n, (0, 1, 2), 2, 3, max_len=12, block_ngram=3):
+        assert reply[:3] == [7, 7, 7] and reply[3] != 7  # (7, 7, 7) once
+        trigrams = [tuple(reply[i : i + 3]) for i in range(len(reply) - 2)]
+        assert len(trigrams) == len(set(trigrams))
+
+
+def test_blocked_tokens_by_hand():
+    from pipeline.dialogue import blocked
+
+    assert blocked([5, 6, 7, 5, 6], 3) == [7]  # (5, 6) seen before, followed by 7
+    assert blocked([5, 6, 7, 5, 6, 8, 5, 6], 3) == [7, 8]
+    assert blocked([5, 6], 3) == [] and blocked([4, 4], 2) == [4] and blocked([], 3) == []
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +211,7 @@ def test_a_tiny_model_learns_and_the_evaluator_reports(prepared, tmp_path):
     assert lines[0] == "message\treference reply\tmodel reply" and len(lines) == 1 + len(test["src"])
     assert all(len(line.split("\t")) == 3 for line in lines)
     assert "<unk>" not in "".join(line.split("\t")[2] for line in lines[1:])
+    assert all(len(chatbot.tokenize(line.split("\t")[2])) <= SMALL.max_reply_tokens for line in lines[1:])
     assert len((samples / "prompts.tsv").read_text().splitlines()) == 7
 
 
@@ -208,7 +224,7 @@ def test_answer_takes_messages_as_text():
     long = " ".join(["well"] * 30 + ["do", "you", "like", "dogs", "?"])
     out = answer(model, vocab, ["Do you like dogs?", "", "zzqx", long])
     assert list(out.columns) == ["message", "reply", "unknown_share"] and len(out) == 4
-    expected = reply_to(model, [chatbot.encode_message("do you like dogs ?", vocab)], tokens)[0]
+    expected = reply_to(model, [chatbot.encode_message("do you like dogs ?", vocab)], vocab)[0]
     assert out["reply"][0] == chatbot.detokenize([tokens[i] for i in expected])
     assert out["reply"][1] is None and out["unknown_share"][1] == 0.0  # nothing to answer
     assert out["unknown_share"][2] == 1.0 and isinstance(out["reply"][2], str)

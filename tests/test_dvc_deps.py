@@ -145,6 +145,8 @@ def entry_files(cmd: str) -> set[Path]:
         files.add(PACKAGE / "datasets" / f"{task}.py")
     elif stage in ("train", "evaluate"):
         files.add(PACKAGE / "models" / f"{REGISTRY[task].model.split(':')[0]}.py")
+        if stage == "evaluate" and REGISTRY[task].evaluator:  # a task's own evaluator, imported by name
+            files.add(PACKAGE / f"{REGISTRY[task].evaluator.split(':')[0]}.py")
     elif stage == "register":
         files |= {PACKAGE / "models" / f"{t.model.split(':')[0]}.py" for t in REGISTRY.values()}
     return files

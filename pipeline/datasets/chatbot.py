@@ -18,7 +18,7 @@ kept whole, each punctuation mark a token) comes from the training pairs only; <
     conversation (N,) int64: the conversation's index in the file's sorted conversation ids
 
 `tokenize`, `encode_message` and `detokenize` are what predict uses; it cuts a message to the vocab's
-`max_message_tokens`, as here.
+`max_message_tokens`, as here, and writes at most `max_reply_tokens`.
 """
 
 from __future__ import annotations
@@ -123,7 +123,8 @@ def build(cfg: ChatbotData, seed: int) -> Prepared:
         unk_rate[split] = round(float((real == unk).mean()), 4) if len(real) else 0.0
     return Prepared(
         splits=splits,
-        vocab={"src_tokens": tokens, "tgt_tokens": tokens, "max_message_tokens": cfg.max_message_tokens},
+        vocab={"src_tokens": tokens, "tgt_tokens": tokens, "max_message_tokens": cfg.max_message_tokens,
+               "max_reply_tokens": cfg.max_reply_tokens},
         source=source(
             "chitchat-dataset",
             "MIT (chitchat-dataset, BYU PCC lab's Chit Chat Challenge)",
