@@ -114,8 +114,9 @@ def detect(model, dm, split: str, out: Path, samples: Path) -> tuple[dict, dict]
     mean, std = np.asarray(dm.vocab["mean"]), np.asarray(dm.vocab["std"])
     order = np.argsort(-p, kind="stable")[:50]
     header = "\t".join(["probability", "actual", *dm.vocab["features"]])
-    lines = [header] + ["\t".join([f"{p[i]:.4f}", labels[y[i]], *(f"{v:g}" for v in (test["x"][i] * std + mean))])
-                        for i in order]
+    raw = np.round(test["x"][order].astype(np.float64) * std + mean, 4) + 0.0  # float32 noise and -0.0 gone
+    lines = [header] + ["\t".join([f"{p[i]:.4f}", labels[y[i]], *(f"{v:g}" for v in row)])
+                        for i, row in zip(order, raw)]
     (samples / "most_suspicious.tsv").write_text("\n".join(lines) + "\n")
     baseline = {"name": "logistic regression (scikit-learn, same standardized rows); majority class",
                 "average_precision": lr_scores["average_precision"], "f1": lr_scores["f1"],
