@@ -21,6 +21,7 @@ topology has one evaluator below; the task registry says which a task uses.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 from collections import Counter
@@ -175,6 +176,15 @@ EVALUATORS = {"one_to_one": classify, "many_to_one": classify, "many_to_many": l
               "seq2seq": translate, "one_to_many": melody, "char_lm": language_model}
 
 
+def evaluator(task: Task):
+    """(model, dm, split, plots dir, samples dir) -> (metrics, baseline): the task's own evaluator
+    (Task.evaluator, "module:function" under pipeline), else its topology's."""
+    if task.evaluator is None:
+        return EVALUATORS[task.topology]
+    module, function = task.evaluator.split(":")
+    return getattr(importlib.import_module(f"pipeline.{module}"), function)
+
+
 # --- pictures and samples ----------------------------------------------------------------------------
 
 
@@ -271,7 +281,7 @@ def evaluate(task_name: str, params: Params, *, data_root: Path = DATA_ROOT, mod
     with atomic_dir(plots_dir) as tmp_plots, atomic_dir(figures_dir) as tmp_figures, \
             atomic_dir(samples_dir) as tmp_samples:
         with torch.no_grad():
-            metrics, baseline = task.evaluate(model, dm, split, tmp_plots, tmp_samples)
+            metrics, baseline = evaluator(task)(model, dm, split, tmp_plots, tmp_samples)
         if task.key_metric not in metrics:
             raise PipelineError(f"{task_name}: the evaluator did not report the key metric {task.key_metric}")
         for picture in tmp_plots.glob("*.png"):  # evaluators draw next to their data: pictures go to the cache

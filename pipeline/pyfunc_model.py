@@ -182,9 +182,17 @@ class RNNPyfunc(PythonModel):
                                                       dtype=np.float64)})
 
     def _rows(self, model_input) -> pd.DataFrame:
-        from pipeline.detection import classify_rows
-
-        return classify_rows(self.model, self.vocab, model_input)
+        """Named raw rows, standardized with the training split's statistics as the prepared data were ->
+        label, probability (of that label) and probability_<label> for every class."""
+        labels = self.vocab["labels"]
+        x = inputs.features(model_input, self.vocab["features"])
+        x = ((x - np.asarray(self.vocab["mean"])) / np.asarray(self.vocab["std"])).astype(np.float32)
+        logits = self.model(torch.from_numpy(x)) if len(x) else torch.zeros(0, len(labels))
+        out = self._classify(logits)
+        probs = torch.softmax(logits, -1)
+        for k, label in enumerate(labels):
+            out[f"probability_{label}"] = pd.Series(probs[:, k].tolist(), dtype=np.float64)
+        return out
 
     def _images(self, model_input) -> pd.DataFrame:
         x = inputs.images(model_input, self.info["hparams"]["dims"]["input_shape"])

@@ -329,3 +329,53 @@ def series(model_input, channels: int) -> list[np.ndarray]:
             raise InputError(f"{at(i)}: infinite value at step {step}")
         out.append(x)
     return out
+
+
+# --- tables: named feature columns ---------------------------------------------------------------------
+
+
+def features(model_input, names: list[str]) -> np.ndarray:
+    """(N, F) float64 raw feature values, in `names` order, from a DataFrame with those named columns (any
+    order), a dict of columns, a list of records, or one record (a dict of scalars). Every problem is an
+    InputError naming the row and column: a missing or unknown column, a missing cell, a value that is not a
+    finite number (numeric strings, as CSV gives them, are read; booleans are not)."""
+    if isinstance(model_input, dict) and not any(isinstance(v, (list, tuple, np.ndarray, pd.Series))
+                                                 for v in model_input.values()):
+        model_input = [model_input]  # one record
+    if isinstance(model_input, dict):
+        try:
+            model_input = pd.DataFrame(model_input)
+        except ValueError as err:
+            raise InputError(f"the columns must all have the same number of rows ({err})") from None
+    elif isinstance(model_input, (list, tuple)):
+        if not all(isinstance(r, dict) for r in model_input):
+            raise InputError(f"expected rows with the named columns {', '.join(names)}: a DataFrame, a dict "
+                             "of columns or a list of records")
+        model_input = pd.DataFrame(list(model_input), columns=None)
+    if not isinstance(model_input, pd.DataFrame):
+        raise InputError(f"expected a DataFrame with the columns {', '.join(names)}; "
+                         f"got {type(model_input).__name__}")
+    columns = [str(c) for c in model_input.columns]
+    unknown = [c for c in columns if c not in names]
+    if unknown:
+        raise InputError(f"unknown column(s) {', '.join(map(repr, unknown))}; known: {', '.join(names)}")
+    missing = [f for f in names if f not in columns]
+    if missing and len(model_input):
+        raise InputError(f"missing column(s) {', '.join(map(repr, missing))}; every row needs "
+                         f"{', '.join(names)}")
+    x = np.zeros((len(model_input), len(names)))
+    frame = model_input.reset_index(drop=True)
+    frame.columns = columns
+    for j, name in enumerate(names):
+        if not len(frame):
+            break
+        for i, value in enumerate(frame[name].tolist()):
+            if isinstance(value, np.ndarray) and value.ndim == 0:
+                value = value.item()  # JSON "instances" cells
+            if is_missing(value):
+                raise InputError(f"{at(i, name)}: missing value; every feature must be set")
+            number = float(_number(value, at(i, name), "a finite number"))
+            if not np.isfinite(number):
+                raise InputError(f"{at(i, name)}: expected a finite number, got {value!r}")
+            x[i, j] = number
+    return x

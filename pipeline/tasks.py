@@ -44,17 +44,6 @@ class Task:
         return importlib.import_module(f"pipeline.datasets.{self.name}")
 
     @property
-    def evaluate(self):
-        """(model, dm, split, plots dir, samples dir) -> (metrics, baseline): the task's own evaluator, else its
-        topology's (pipeline.evaluate.EVALUATORS)."""
-        if self.evaluator is None:
-            from pipeline.evaluate import EVALUATORS
-
-            return EVALUATORS[self.topology]
-        module, function = self.evaluator.split(":")
-        return getattr(importlib.import_module(f"pipeline.{module}"), function)
-
-    @property
     def model_class(self):
         module, cls = self.model.split(":")
         return getattr(importlib.import_module(f"pipeline.models.{module}"), cls)

@@ -155,15 +155,22 @@ def test_a_tiny_model_learns_and_the_evaluator_reports(prepared, tmp_path):
     assert probabilities == sorted(probabilities, reverse=True)
 
 
-def test_classify_rows_takes_named_raw_rows():
-
-    from pipeline.detection import classify_rows
+def test_the_served_model_takes_named_raw_rows():
     from pipeline.models.one_to_one import OneToOne
-    from pipeline.serving_inputs import InputError
+    from pipeline.pyfunc_model import RNNPyfunc
+    from pipeline.serving_inputs import InputError, kind_of
 
     vocab = built().vocab
     torch.manual_seed(0)
     model = OneToOne(vocab=vocab, dims={"input_shape": [9]}, model={"hidden_size": 8}, train={}).eval()
+    served = RNNPyfunc()  # what load_context sets up from the logged artifacts
+    served.model, served.vocab, served.info = model, vocab, {"topology": "one_to_one", "hparams": {"vocab": vocab}}
+    served.kind = kind_of(served.info)
+    assert served.kind == "rows"
+
+    def classify_rows(model, vocab, rows):
+        return served.predict(None, rows)
+
     frame = fraud.example()
     out = classify_rows(model, vocab, frame)
     assert list(out.columns) == ["label", "probability", "probability_normal", "probability_anomaly"]
