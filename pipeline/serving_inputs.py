@@ -1,17 +1,16 @@
 """The input contract of every served model: what the pyfunc model's `predict` accepts, checks and returns.
 
-One contract per kind of model (`kind_of`: from the topology and vocabulary in config.json; the README's
-"Serving" section is the user's copy):
+One contract per kind of model: the topology object's `predict` (pipeline/models/<topology>.py) picks it from
+its vocabulary (the README's "Serving" section is the user's copy):
 
     text          sentiment     column `text`: a string, "" allowed
     translation   translation   column `text`: a string, "" allowed
-    chat          chatbot       column `message`: a string, "" allowed (no reply)
-    rows          fraud         a DataFrame (or records, or one record) with the named feature columns, numbers
     charlm        charlm        column `prime`: a non-empty string of known characters
                                 [, `length`, `temperature`, `top_k`, `seed`]
     melody        melody        column `seed`: a known note such as "C5|1.0"
                                 [, `length`, `temperature`, `top_k`, `random_seed`]
     images        digits        an array (N, 28, 28) or (N, 784), or a list of 28x28 images; pixels in [0, 1]
+    features      tabular       a table of the model's feature columns (raw units), or an array (N, F)
     series        gesture       an array (N, T, C) (or (N, T) for one channel) padded at the end with NaN steps,
     steps         activity      a list of (T_i, C) arrays, or a DataFrame whose column `series` holds one per row
 
@@ -73,19 +72,6 @@ class InputError(OneLineError):
 class PredictError(OneLineError):
     """A failure inside the model on an input that passed its contract: HTTP 500, the traceback in the
     server's log rather than in the response."""
-
-
-def kind_of(info: dict) -> str:
-    """Which input contract a trained model takes (its config.json: topology and vocabulary)."""
-    topology, vocab = info["topology"], info["hparams"]["vocab"]
-    if topology == "seq2seq" and "max_message_tokens" in vocab:
-        return "chat"  # chatbot: a message -> a reply
-    if topology == "one_to_one" and "features" in vocab:
-        return "rows"  # fraud: named table rows -> label and probabilities
-    if topology in ("char_lm", "one_to_many", "seq2seq", "one_to_one", "many_to_many"):
-        return {"char_lm": "charlm", "one_to_many": "melody", "seq2seq": "translation", "one_to_one": "images",
-                "many_to_many": "steps"}[topology]
-    return "text" if "tokens" in vocab else "series"
 
 
 def at(row: int, column: str | None = None) -> str:
@@ -280,6 +266,37 @@ def images(model_input, shape: Sequence[int]) -> np.ndarray:
     return x.astype(np.float32)
 
 
+def features(model_input, names: Sequence[str]) -> np.ndarray:
+    """(N, F) float64 feature rows in raw units: a DataFrame (or dict of columns, list of records) with exactly
+    the F columns `names` (CSV), an array (N, F), one row (F,), or a list of rows; every value finite."""
+    if isinstance(model_input, (dict, pd.DataFrame)) or (isinstance(model_input, list) and model_input
+                                                         and isinstance(model_input[0], dict)):
+        frame = pd.DataFrame(model_input) if not isinstance(model_input, pd.DataFrame) else model_input
+        missing = [n for n in names if n not in frame.columns]
+        unknown = [str(c) for c in frame.columns if c not in names]
+        if missing:
+            raise InputError(f"missing column(s) {', '.join(map(repr, missing))}; the model takes "
+                             f"{', '.join(map(repr, names))}")
+        if unknown:
+            raise InputError(f"unknown column(s) {', '.join(map(repr, unknown))}; known: {', '.join(map(repr, names))}")
+        for column in names:
+            for i, value in enumerate(frame[column].tolist()):
+                _number(value, at(i, column), "a number")
+        model_input = frame[list(names)].apply(pd.to_numeric, errors="coerce").to_numpy()
+    x = _float_array(model_input, "the input")
+    if x.ndim == 1 and len(x) == len(names):
+        x = x[None]
+    if x.size == 0:
+        return np.zeros((0, len(names)))
+    if x.ndim != 2 or x.shape[1] != len(names):
+        raise InputError(f"expected rows of {len(names)} features ({', '.join(names)}); got an array of shape "
+                         f"{x.shape}")
+    bad = np.argwhere(~np.isfinite(x))
+    if len(bad):
+        raise InputError(f"{at(int(bad[0][0]), names[int(bad[0][1])])}: missing or not a finite number")
+    return x
+
+
 def _rows(model_input, channels: int) -> list:
     """The per-row series of any accepted series input, not yet checked."""
     if isinstance(model_input, pd.DataFrame):
@@ -329,53 +346,3 @@ def series(model_input, channels: int) -> list[np.ndarray]:
             raise InputError(f"{at(i)}: infinite value at step {step}")
         out.append(x)
     return out
-
-
-# --- tables: named feature columns ---------------------------------------------------------------------
-
-
-def features(model_input, names: list[str]) -> np.ndarray:
-    """(N, F) float64 raw feature values, in `names` order, from a DataFrame with those named columns (any
-    order), a dict of columns, a list of records, or one record (a dict of scalars). Every problem is an
-    InputError naming the row and column: a missing or unknown column, a missing cell, a value that is not a
-    finite number (numeric strings, as CSV gives them, are read; booleans are not)."""
-    if isinstance(model_input, dict) and not any(isinstance(v, (list, tuple, np.ndarray, pd.Series))
-                                                 for v in model_input.values()):
-        model_input = [model_input]  # one record
-    if isinstance(model_input, dict):
-        try:
-            model_input = pd.DataFrame(model_input)
-        except ValueError as err:
-            raise InputError(f"the columns must all have the same number of rows ({err})") from None
-    elif isinstance(model_input, (list, tuple)):
-        if not all(isinstance(r, dict) for r in model_input):
-            raise InputError(f"expected rows with the named columns {', '.join(names)}: a DataFrame, a dict "
-                             "of columns or a list of records")
-        model_input = pd.DataFrame(list(model_input), columns=None)
-    if not isinstance(model_input, pd.DataFrame):
-        raise InputError(f"expected a DataFrame with the columns {', '.join(names)}; "
-                         f"got {type(model_input).__name__}")
-    columns = [str(c) for c in model_input.columns]
-    unknown = [c for c in columns if c not in names]
-    if unknown:
-        raise InputError(f"unknown column(s) {', '.join(map(repr, unknown))}; known: {', '.join(names)}")
-    missing = [f for f in names if f not in columns]
-    if missing and len(model_input):
-        raise InputError(f"missing column(s) {', '.join(map(repr, missing))}; every row needs "
-                         f"{', '.join(names)}")
-    x = np.zeros((len(model_input), len(names)))
-    frame = model_input.reset_index(drop=True)
-    frame.columns = columns
-    for j, name in enumerate(names):
-        if not len(frame):
-            break
-        for i, value in enumerate(frame[name].tolist()):
-            if isinstance(value, np.ndarray) and value.ndim == 0:
-                value = value.item()  # JSON "instances" cells
-            if is_missing(value):
-                raise InputError(f"{at(i, name)}: missing value; every feature must be set")
-            number = float(_number(value, at(i, name), "a finite number"))
-            if not np.isfinite(number):
-                raise InputError(f"{at(i, name)}: expected a finite number, got {value!r}")
-            x[i, j] = number
-    return x

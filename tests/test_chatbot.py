@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import ChatbotData, PipelineError
+from pipeline.config import PipelineError
 from pipeline.datasets import chatbot
+from pipeline.datasets.chatbot import ChatbotData
 from pipeline.datasets.prepared import SPLITS, save_prepared
-from pipeline.dialogue import converse, distinct_n, greedy_replies, unigram_nll
+from pipeline.models.dialogue import converse, distinct_n, greedy_replies, unigram_nll
+from pipeline.text import detokenize
 
 SMALL = ChatbotData(max_pairs=600, max_vocab=300, max_message_tokens=12, max_reply_tokens=10)
 SEED = 7
@@ -103,7 +105,7 @@ def test_pairs_are_consecutive_turns_of_their_conversation():
 
 def test_tokenize_detokenize_and_encode():
     assert chatbot.tokenize("I'm fine, thanks!  :)") == ["i'm", "fine", ",", "thanks", "!", ":", ")"]
-    assert chatbot.detokenize(["i'm", "fine", ",", "thanks", "!"]) == "i'm fine, thanks!"
+    assert detokenize(["i'm", "fine", ",", "thanks", "!"]) == "i'm fine, thanks!"
     vocab = {"tgt_tokens": ["<pad>", "<unk>", "<bos>", "<eos>", "hi", "there"]}
     assert chatbot.encode_message("Hi there, you", vocab) == [4, 5, 1, 1]
     assert chatbot.encode_message("hi there you", vocab, max_tokens=2) == [5, 1]
@@ -164,7 +166,7 @@ def test_greedy_replies_equal_the_models_greedy_without_a_ban_and_respect_it():
 
 
 def test_blocked_tokens_by_hand():
-    from pipeline.dialogue import blocked
+    from pipeline.models.dialogue import blocked
 
     assert blocked([5, 6, 7, 5, 6], 3) == [7]  # (5, 6) seen before, followed by 7
     assert blocked([5, 6, 7, 5, 6, 8, 5, 6], 3) == [7, 8]
@@ -216,7 +218,7 @@ def test_a_tiny_model_learns_and_the_evaluator_reports(prepared, tmp_path):
 
 
 def test_answer_takes_messages_as_text():
-    from pipeline.dialogue import answer, reply_to
+    from pipeline.models.dialogue import answer, reply_to
 
     vocab = built().vocab
     tokens = vocab["tgt_tokens"]
@@ -225,8 +227,19 @@ def test_answer_takes_messages_as_text():
     out = answer(model, vocab, ["Do you like dogs?", "", "zzqx", long])
     assert list(out.columns) == ["message", "reply", "unknown_share"] and len(out) == 4
     expected = reply_to(model, [chatbot.encode_message("do you like dogs ?", vocab)], vocab)[0]
-    assert out["reply"][0] == chatbot.detokenize([tokens[i] for i in expected])
+    assert out["reply"][0] == detokenize([tokens[i] for i in expected])
     assert out["reply"][1] is None and out["unknown_share"][1] == 0.0  # nothing to answer
     assert out["unknown_share"][2] == 1.0 and isinstance(out["reply"][2], str)
     cut = " ".join(chatbot.tokenize(long)[-SMALL.max_message_tokens :])
     assert out["reply"][3] == answer(model, vocab, [cut])["reply"][0]  # cut to its last tokens, as in training
+
+
+def test_the_task_is_a_seq2seq_chatbot_judged_by_perplexity():
+    from pipeline.models.dialogue import CHATBOT
+    from pipeline.models.seq2seq import Seq2Seq, Seq2SeqTopology
+    from pipeline.tasks import get_task
+
+    task = get_task("chatbot")
+    assert task.topology is CHATBOT and isinstance(CHATBOT, Seq2SeqTopology) and task.model_class is Seq2Seq
+    assert task.key_metric == "perplexity" and not task.higher_is_better and task.eval_split == "test"
+    assert task.uses == {"model.embedding_dim", "model.attention", "model.bidirectional"}

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import FraudData, PipelineError
+from pipeline.config import PipelineError
 from pipeline.datasets import fraud
+from pipeline.datasets.fraud import FraudData
 from pipeline.datasets.prepared import save_prepared
-from pipeline.detection import binary_scores, detect, logistic_regression
+from pipeline.models.detection import FRAUD, binary_scores, detect, logistic_regression
 
 SMALL = FraudData(max_rows=4000)
 SEED = 7
@@ -158,15 +159,16 @@ def test_a_tiny_model_learns_and_the_evaluator_reports(prepared, tmp_path):
 def test_the_served_model_takes_named_raw_rows():
     from pipeline.models.one_to_one import OneToOne
     from pipeline.pyfunc_model import RNNPyfunc
-    from pipeline.serving_inputs import InputError, kind_of
+    from pipeline.serving_inputs import InputError
+    from pipeline.topologies import topology_of
 
     vocab = built().vocab
     torch.manual_seed(0)
     model = OneToOne(vocab=vocab, dims={"input_shape": [9]}, model={"hidden_size": 8}, train={}).eval()
     served = RNNPyfunc()  # what load_context sets up from the logged artifacts
-    served.model, served.vocab, served.info = model, vocab, {"topology": "one_to_one", "hparams": {"vocab": vocab}}
-    served.kind = kind_of(served.info)
-    assert served.kind == "rows"
+    served.info = {"task": "fraud", "topology": "one_to_one", "variant": fraud.VARIANT, "hparams": {"vocab": vocab}}
+    served.model, served.vocab, served.topology = model, vocab, topology_of(served.info)
+    assert served.topology is FRAUD
 
     def classify_rows(model, vocab, rows):
         return served.predict(None, rows)
@@ -194,3 +196,12 @@ def test_the_served_model_takes_named_raw_rows():
                          ([[1, 2, 3]], "records")):
         with pytest.raises(InputError, match=message):
             classify_rows(model, vocab, bad)
+
+
+def test_the_task_judges_by_average_precision():
+    from pipeline.models.one_to_one import OneToOneTopology
+    from pipeline.tasks import get_task
+
+    task = get_task("fraud")
+    assert task.topology is FRAUD and isinstance(FRAUD, OneToOneTopology) and task.topology_name == "one_to_one"
+    assert task.key_metric == "average_precision" and task.higher_is_better and task.eval_split == "test"

@@ -11,50 +11,58 @@ from a conversation seen in training; then each split's pairs are filtered (the 
 cut to its last `max_message_tokens`) and subsampled (seeded) to the split's share of `max_pairs`.
 The vocabulary (shared by messages and replies, lowercased words, words with inner apostrophes
 kept whole, each punctuation mark a token) comes from the training pairs only; <pad> 0, <unk> 1,
-<bos> 2, <eos> 3 as in the translation task, so the seq2seq model reads either.
+<bos> 2, <eos> 3 as in the translation task, so the seq2seq model reads either. Tokenized as the text
+classifiers tokenize (pipeline.text.tokenize); detokenized as the translator detokenizes.
 
     src (N, S) int64: message tokens (no <bos>/<eos>), src_lengths (N,) >= 1
     tgt (N, T) int64: <bos> reply tokens <eos>, tgt_lengths (N,) counting <bos> and <eos>
     conversation (N,) int64: the conversation's index in the file's sorted conversation ids
 
-`tokenize`, `encode_message` and `detokenize` are what predict uses; it cuts a message to the vocab's
-`max_message_tokens`, as here, and writes at most `max_reply_tokens`.
+`encode_message` is what predict uses; it cuts a message to the vocab's `max_message_tokens`, as here,
+and writes at most `max_reply_tokens`. The chatbot's evaluation and serving (its topology VARIANT):
+pipeline/models/dialogue.py.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from collections.abc import Mapping
+from typing import ClassVar
 
 import numpy as np
+from pydantic import Field
 
-from pipeline.config import ChatbotData, PipelineError
+from pipeline.batch import BOS_TOKEN as BOS
+from pipeline.batch import EOS_TOKEN as EOS
+from pipeline.batch import TRANSLATION_SPECIALS as SPECIALS
+from pipeline.batch import UNK_TOKEN as UNK
+from pipeline.config import PipelineError, SplitData
 from pipeline.datasets.common import package_dir, pad, source, split_indices, subsample
 from pipeline.datasets.prepared import Prepared
+from pipeline.text import tokenize
 
-PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
-SPECIALS = [PAD, UNK, BOS, EOS]
+TOPOLOGY = "seq2seq"  # the topology these data feed (pipeline/topologies.py)
+VARIANT = "pipeline.models.dialogue:CHATBOT"  # its evaluation (perplexity, distinct-n) and serving (message -> reply)
+
+
+class ChatbotData(SplitData):
+    inputs: ClassVar[str] = "tokens"
+    source: str = "chatbot"
+    # conversations are split first (whole conversations per split), then each split's message -> reply pairs
+    # are subsampled to its share of max_pairs
+    max_pairs: int = Field(12500, gt=0)
+    max_message_tokens: int = Field(16, gt=0)  # a longer message keeps its last tokens
+    max_reply_tokens: int = Field(10, gt=0)  # longer replies are left out (a cut reply would teach cut replies)
+    min_count: int = Field(2, ge=1)  # rarer words map to <unk>
+    max_vocab: int = Field(1000, gt=4)
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+
+
+Data = ChatbotData  # the `data` section's schema (pipeline.sources)
 PIP = "pip install chitchat-dataset==0.9.0"
 FILE = "dataset.json"
-TOKEN = re.compile(r"\w+(?:'\w+)*|[^\w\s]")  # words (with inner apostrophes), each punctuation mark
-GLUE_BEFORE = set(",.;:!?)")  # no space before these
-
-
-def tokenize(text: str) -> list[str]:
-    """ "I'm fine, thanks!" -> ["i'm", "fine", ",", "thanks", "!"]."""
-    return TOKEN.findall(text.lower())
-
-
-def detokenize(tokens: list[str]) -> str:
-    """Tokens back to text: a space between words, none before , . ; : ! ? )."""
-    out = ""
-    for i, tok in enumerate(tokens):
-        if i and tok not in GLUE_BEFORE:
-            out += " "
-        out += tok
-    return out
 
 
 def token_index(vocab: Mapping) -> Mapping[str, int]:

@@ -14,7 +14,8 @@ with the training split's mean and std per feature (stored in the vocab for pred
     x (N, 9) float32: standardized features, one row = one input step of the one_to_one model
     y (N,) int64: 0 normal, 1 anomaly
 
-`example()` gives raw rows as predict takes them: a DataFrame with the named feature columns.
+`example()` gives raw rows as predict takes them: a DataFrame with the named feature columns. The task's
+evaluation and serving (its topology VARIANT): pipeline/models/detection.py.
 """
 
 from __future__ import annotations
@@ -23,11 +24,24 @@ import csv
 import gzip
 
 import numpy as np
+from pydantic import Field
 
-from pipeline.config import FraudData, PipelineError
+from pipeline.config import PipelineError, SplitData
 from pipeline.datasets.common import package_dir, source, split_indices, subsample
 from pipeline.datasets.prepared import Prepared
 
+TOPOLOGY = "one_to_one"  # the topology these data feed (pipeline/topologies.py)
+VARIANT = "pipeline.models.detection:FRAUD"  # its evaluation (PR-AUC, F1, logistic regression) and serving
+
+
+class FraudData(SplitData):
+    source: str = "fraud"
+    max_rows: int | None = Field(None, gt=0)  # None: all 49,097 rows of river's Shuttle
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+
+
+Data = FraudData  # the `data` section's schema (pipeline.sources)
 LABELS = ["normal", "anomaly"]
 PIP = "pip install river==0.26.1"
 FILE = "datasets/shuttle.csv.gz"

@@ -1,4 +1,6 @@
-"""Rare-event detection (the fraud task): the metrics fraud teams read, against honest baselines.
+"""Rare-event detection (the fraud task): the one_to_one topology over table rows, with the metrics fraud
+teams read against honest baselines (`FRAUD`, the VARIANT that pipeline/datasets/fraud.py declares). The
+model, its training and its batches are the one_to_one ones.
 
 - average precision (PR-AUC; torchmetrics `BinaryAveragePrecision`) of the positive class's
   probability: how well the rows are ranked, independent of a threshold. It is the metric for a
@@ -10,7 +12,11 @@ Baselines on the same split: the majority class (everything normal: average prec
 positive rate, F1 0), and a scikit-learn logistic regression fitted on the same standardized
 training rows (the model a fraud team would try first). The evaluator also writes the confusion
 matrix (as the other classifiers), the precision-recall curves of the model and the logistic
-regression (DVC plot data and a picture), and the test rows the model ranks most suspicious.
+regression (samples/<task>/pr_curve.json and figures/<task>/pr_curve.png), and the test rows the
+model ranks most suspicious (samples/<task>/most_suspicious.tsv, in raw units).
+
+Serving: rows with the named feature columns in raw units (pipeline.serving_inputs.features) ->
+label, probability (of that label) and probability_<label> for each class (the score to threshold).
 """
 
 from __future__ import annotations
@@ -19,7 +25,13 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
+
+from pipeline import serving_inputs as inputs
+from pipeline.models import serving
+from pipeline.models.evaluation import plot_confusion
+from pipeline.models.one_to_one import OneToOneTopology
 
 BATCH = 4096
 CURVE_POINTS = 200  # points per precision-recall curve in the plot data
@@ -88,10 +100,8 @@ def positive_probabilities(model, x: np.ndarray) -> np.ndarray:
 
 
 def detect(model, dm, split: str, out: Path, samples: Path) -> tuple[dict, dict]:
-    """The fraud evaluator: (metrics, baseline); writes confusion.json/.png and pr_curve.json/.png to `out`,
-    most_suspicious.tsv to `samples`."""
-    from pipeline.evaluate import _plot_confusion
-
+    """The fraud evaluator: (metrics, baseline); writes confusion.json/.png and pr_curve.png to `out`,
+    pr_curve.json and most_suspicious.tsv to `samples`."""
     labels = dm.vocab["labels"]
     test, train = dm.split(split), dm.split("train")
     p = positive_probabilities(model, test["x"])
@@ -101,7 +111,7 @@ def detect(model, dm, split: str, out: Path, samples: Path) -> tuple[dict, dict]
     metrics["accuracy"] = float((predicted == y).mean())
     matrix = np.zeros((2, 2), dtype=np.int64)
     np.add.at(matrix, (y, predicted), 1)
-    _plot_confusion(matrix, labels, out / "confusion.png")
+    plot_confusion(matrix, labels, out / "confusion.png")
     (out / "confusion.json").write_text(json.dumps(
         [{"actual": labels[a], "predicted": labels[b]} for a, b in zip(y.tolist(), predicted.tolist())],
         separators=(",", ":")))
@@ -109,7 +119,7 @@ def detect(model, dm, split: str, out: Path, samples: Path) -> tuple[dict, dict]
     lr_scores = binary_scores(lr, y)
     rate = float(y.mean())
     rows = pr_curve_rows(p, y, "GateLSTM") + pr_curve_rows(lr, y, "logistic regression")
-    (out / "pr_curve.json").write_text(json.dumps(rows, separators=(",", ":")))
+    (samples / "pr_curve.json").write_text(json.dumps(rows, separators=(",", ":")))
     _plot_pr(rows, rate, out / "pr_curve.png")
     mean, std = np.asarray(dm.vocab["mean"]), np.asarray(dm.vocab["std"])
     order = np.argsort(-p, kind="stable")[:50]
@@ -123,3 +133,26 @@ def detect(model, dm, split: str, out: Path, samples: Path) -> tuple[dict, dict]
                 "roc_auc": lr_scores["roc_auc"], "majority_average_precision": rate, "majority_f1": 0.0}
     return metrics, baseline
 
+
+class FraudTopology(OneToOneTopology):
+    """one_to_one over standardized table rows, judged as rare-event detection: average precision (higher is
+    better) and F1 against the majority class and a logistic regression."""
+
+    key_metric = "average_precision"
+
+    def evaluate(self, model, dm, split, plots, samples):
+        return detect(model, dm, split, plots, samples)
+
+    def predict(self, pyfunc, model_input):
+        vocab = pyfunc.vocab
+        x = inputs.features(model_input, vocab["features"])
+        x = ((x - np.asarray(vocab["mean"])) / np.asarray(vocab["std"])).astype(np.float32)
+        logits = pyfunc.model(torch.from_numpy(x)) if len(x) else torch.zeros(0, len(vocab["labels"]))
+        out = serving.classify(pyfunc, logits)
+        probs = torch.softmax(logits, -1)
+        for k, label in enumerate(vocab["labels"]):
+            out[f"probability_{label}"] = pd.Series(probs[:, k].tolist(), dtype=np.float64)
+        return out
+
+
+FRAUD = FraudTopology()

@@ -1,4 +1,7 @@
-"""The chatbot's evaluation: perplexity of held-out replies, distinct-n of generated replies, dialogues.
+"""The chatbot: the seq2seq topology with a dialogue's evaluation and serving (`CHATBOT`, the VARIANT that
+pipeline/datasets/chatbot.py declares). The model, its training and its batches are the seq2seq ones.
+
+Evaluation: perplexity of held-out replies, distinct-n of generated replies, dialogues.
 
 Metrics the field uses for open-domain dialogue models:
 
@@ -14,6 +17,8 @@ smoothed) for perplexity; the most frequent training reply without <unk>, given 
 distinct-n. Replies are decoded greedily with <unk> (and <pad>, <bos>) never chosen and no word trigram
 repeated within a reply (BlenderBot's 3-gram blocking, Roller et al. 2021; `no_repeat_ngram_size` in
 Hugging Face's generate): a small model's greedy reply otherwise loops ("of the the the the ...").
+
+Serving: column `message` (a string) -> message, reply (None for a message without any word), unknown_share.
 """
 
 from __future__ import annotations
@@ -23,7 +28,14 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
+
+from pipeline import serving_inputs as inputs
+from pipeline.batch import BOS, EOS, PAD, UNK
+from pipeline.models import serving
+from pipeline.models.seq2seq import Seq2SeqTopology
+from pipeline.text import detokenize
 
 BATCH = 256
 MAX_REPLY = 20  # tokens generated at most per reply when the vocab does not say (its max_reply_tokens)
@@ -90,9 +102,6 @@ def greedy_replies(model, src: torch.Tensor, src_lengths: torch.Tensor, banned: 
 def reply_to(model, messages: list[list[int]], vocab: dict) -> list[list[int]]:
     """Greedy replies (ids; <unk> banned, trigrams blocked, at most the vocab's max_reply_tokens) to messages
     given as id lists (each non-empty)."""
-    from pipeline.datasets.chatbot import BOS, EOS, PAD, UNK
-
-    index = {t: i for i, t in enumerate(vocab["tgt_tokens"][:4])}
     max_len = vocab.get("max_reply_tokens", MAX_REPLY)
     out = []
     for start in range(0, len(messages), BATCH):
@@ -101,14 +110,13 @@ def reply_to(model, messages: list[list[int]], vocab: dict) -> list[list[int]]:
         for row, ids in zip(src, chunk):
             row[: len(ids)] = torch.tensor(ids)
         lengths = torch.tensor([len(ids) for ids in chunk])
-        out += greedy_replies(model, src, lengths, (index[PAD], index[UNK], index[BOS]), index[BOS], index[EOS],
-                              max_len, BLOCK_NGRAM)
+        out += greedy_replies(model, src, lengths, (PAD, UNK, BOS), BOS, EOS, max_len, BLOCK_NGRAM)
     return out
 
 
 def converse(model, dm, split: str, out: Path, samples: Path) -> tuple[dict, dict]:
     """The chatbot evaluator: (metrics, baseline); writes samples/dialogues.tsv and samples/prompts.tsv."""
-    from pipeline.datasets.chatbot import detokenize, encode_message
+    from pipeline.datasets.chatbot import encode_message
 
     tokens = dm.vocab["tgt_tokens"]
     test, train = dm.split(split), dm.split("train")
@@ -129,7 +137,7 @@ def converse(model, dm, split: str, out: Path, samples: Path) -> tuple[dict, dic
     (samples / "prompts.tsv").write_text("message\tmodel reply\n" + "".join(
         f"{p}\t{detokenize([tokens[i] for i in a])}\n" for p, a in zip(PROMPTS, answers)))
     common = Counter(tuple(row[1 : n - 1].tolist()) for row, n in zip(train["tgt"], train["tgt_lengths"]))
-    top = [tokens[i] for i in next(reply for reply, _ in common.most_common() if 1 not in reply)]
+    top = [tokens[i] for i in next(reply for reply, _ in common.most_common() if UNK not in reply)]
     base_nll = unigram_nll(reply_ids(train), reply_ids(test), len(tokens))
     metrics = {"perplexity": math.exp(nll), "nll": nll,
                "distinct_1": distinct_n(generated, 1), "distinct_2": distinct_n(generated, 2),
@@ -149,14 +157,11 @@ def answer(model, vocab: dict, messages: list[str]):
     """Messages -> DataFrame(message, reply, unknown_share): the greedy reply to each message (its last
     vocab["max_message_tokens"] tokens, as in training) and the share of its tokens outside the vocabulary. A message
     without any token (empty, spaces) gets reply None: there is nothing to answer."""
-    import pandas as pd
-
-    from pipeline.datasets.chatbot import UNK, detokenize, encode_message
+    from pipeline.datasets.chatbot import encode_message
 
     tokens = vocab["tgt_tokens"]
-    unk = tokens.index(UNK)
     ids = [encode_message(m, vocab, vocab.get("max_message_tokens")) for m in messages]
-    shares = [sum(i == unk for i in s) / len(s) if s else 0.0 for s in ids]
+    shares = [serving.unknown_share(s, UNK) for s in ids]
     replies: list[str | None] = [None] * len(messages)
     asked = [i for i, s in enumerate(ids) if s]
     if asked:
@@ -164,3 +169,29 @@ def answer(model, vocab: dict, messages: list[str]):
             replies[i] = detokenize([tokens[t] for t in reply])
     return pd.DataFrame({"message": pd.Series(messages, dtype=object), "reply": pd.Series(replies, dtype=object),
                          "unknown_share": pd.Series(shares, dtype=np.float64)})
+
+
+class ChatbotTopology(Seq2SeqTopology):
+    """seq2seq as a chatbot: perplexity (lower is better) and distinct-n instead of exact match and BLEU;
+    a message in, a reply out."""
+
+    key_metric = "perplexity"
+    higher_is_better = False
+
+    def evaluate(self, model, dm, split, plots, samples):
+        return converse(model, dm, split, plots, samples)
+
+    def input_example(self, info, source_example):
+        return pd.DataFrame({"message": ["hi! how are you?", "what do you do for fun?"]})
+
+    def predict(self, pyfunc, model_input):
+        frame = inputs.table(model_input, "message")
+        messages = [inputs.text(v, inputs.at(i, "message")) for i, v in enumerate(frame["message"].tolist())]
+        return answer(pyfunc.model, pyfunc.vocab, messages)
+
+    def cli_input(self, pyfunc, names, options):
+        serving.no_options(pyfunc.info["task"], options)
+        return pd.DataFrame({"message": names})
+
+
+CHATBOT = ChatbotTopology()
