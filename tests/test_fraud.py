@@ -146,7 +146,7 @@ def test_a_tiny_model_learns_and_the_evaluator_reports(prepared, tmp_path):
     assert sum(r["actual"] == "anomaly" for r in confusion) == int(test["y"].sum())
     hits = sum(r["actual"] == r["predicted"] for r in confusion) / len(confusion)
     assert hits == pytest.approx(metrics["accuracy"])
-    curve = json.loads((out / "pr_curve.json").read_text())
+    curve = json.loads((samples / "pr_curve.json").read_text())
     assert {r["model"] for r in curve} == {"GateLSTM", "logistic regression"}
     assert all(0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1 for r in curve)
     assert (out / "confusion.png").stat().st_size and (out / "pr_curve.png").stat().st_size
@@ -186,14 +186,14 @@ def test_the_served_model_takes_named_raw_rows():
     assert classify_rows(model, vocab, shuffled).equals(out)  # columns by name, not position
     assert classify_rows(model, vocab, frame.astype(str)).equals(out)  # CSV: numeric strings
     assert classify_rows(model, vocab, frame.to_dict("records")).equals(out)
-    assert classify_rows(model, vocab, frame.iloc[0].to_dict()).equals(out.iloc[:1])  # one record
+    assert classify_rows(model, vocab, [frame.iloc[0].to_dict()]).equals(out.iloc[:1])  # one record
     assert len(classify_rows(model, vocab, frame.iloc[:0])) == 0
     for bad, message in ((frame.drop(columns="f3"), "missing column.*'f3'"),
                          (frame.assign(amount=1.0), "unknown column.*'amount'"),
                          (frame.assign(f2=[1.0, np.nan]), "row 1, column 'f2': missing"),
                          (frame.assign(f5=["x", "1"]), "row 0, column 'f5'.*string"),
                          (frame.assign(f9=[np.inf, 1.0]), "row 0, column 'f9'.*finite"),
-                         ([[1, 2, 3]], "records")):
+                         ([[1, 2, 3]], "expected rows of 9 features")):
         with pytest.raises(InputError, match=message):
             classify_rows(model, vocab, bad)
 
