@@ -243,3 +243,12 @@ def test_the_task_is_a_seq2seq_chatbot_judged_by_perplexity():
     assert task.topology is CHATBOT and isinstance(CHATBOT, Seq2SeqTopology) and task.model_class is Seq2Seq
     assert task.key_metric == "perplexity" and not task.higher_is_better and task.eval_split == "test"
     assert task.uses == {"model.embedding_dim", "model.attention", "model.bidirectional"}
+
+
+def test_the_package_is_read_not_imported():
+    import subprocess
+    import sys
+
+    code = ("import sys; from pipeline.datasets import chatbot; chatbot.read_conversations(); import pipeline.prepare;"
+            "bad = {'chitchat_dataset', 'torch', 'lightning'} & set(sys.modules); assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)

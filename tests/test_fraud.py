@@ -205,3 +205,12 @@ def test_the_task_judges_by_average_precision():
     task = get_task("fraud")
     assert task.topology is FRAUD and isinstance(FRAUD, OneToOneTopology) and task.topology_name == "one_to_one"
     assert task.key_metric == "average_precision" and task.higher_is_better and task.eval_split == "test"
+
+
+def test_river_is_read_not_imported():
+    import subprocess
+    import sys
+
+    code = ("import sys; from pipeline.datasets import fraud; fraud.read_rows(); import pipeline.prepare;"
+            "bad = {'river', 'torch', 'lightning'} & set(sys.modules); assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
