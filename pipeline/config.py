@@ -106,6 +106,24 @@ class CharLMData(SplitData):
     test_fraction: float = Field(0.0, ge=0.0, lt=1.0)
 
 
+class CaptionsData(SplitData):
+    image_size: int = Field(32, ge=8, le=128)  # pixels per side (RGB)
+    max_words: int = Field(8, gt=0)  # caption words kept (the longest CLDR name here has 8)
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # whole emojis: never in training
+    test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+
+
+class VideoData(SplitData):
+    frames: int = Field(16, ge=2)  # per clip
+    canvas: int = Field(32, ge=16, le=128)  # pixels per side
+    min_segment: int = Field(4, ge=2)  # frames each action lasts at least
+    train_clips: int = Field(800, gt=0)
+    val_clips: int = Field(100, gt=0)
+    test_clips: int = Field(200, gt=0)
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # of the MNIST digit images, split before clips are made
+    test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+
+
 # --- model and training: shared shape for every task ------------------------------------------
 
 
