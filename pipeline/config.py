@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 PARAMS_FILE = "params.yaml"
 
-TASKS = ("digits", "melody", "sentiment", "gesture", "translation", "activity", "charlm")
+TASKS = ("digits", "melody", "sentiment", "gesture", "translation", "activity", "charlm", "captions", "video")
 
 # Lightning's registered strategy names (StrategyRegistry), checked without importing Lightning
 # so that even `prepare` rejects a typo before doing any work.
@@ -186,6 +186,14 @@ class CharLMParams(TaskParams):
     data: CharLMData = CharLMData()
 
 
+class CaptionsParams(TaskParams):
+    data: CaptionsData = CaptionsData()
+
+
+class VideoParams(TaskParams):
+    data: VideoData = VideoData()
+
+
 class TrainerConfig(Section):
     """Passed to `lightning.Trainer` as it is."""
 
@@ -249,6 +257,8 @@ class Params(Section):
     translation: TranslationParams = TranslationParams()
     activity: ActivityParams = ActivityParams()
     charlm: CharLMParams = CharLMParams()
+    captions: CaptionsParams = CaptionsParams()
+    video: VideoParams = VideoParams()
 
     @field_validator("tasks")
     @classmethod

@@ -171,8 +171,23 @@ def translate(model, dm, split, out, samples):
     return {"exact_match": exact, "bleu": score}, baseline
 
 
+def captions(model, dm, split, out, samples):
+    from pipeline.vision import evaluate_captions
+
+    return evaluate_captions(model, dm, split, out, samples)
+
+
+def video(model, dm, split, out, samples):
+    from pipeline.vision import draw_strip
+
+    metrics, baseline = label_steps(model, dm, split, out, samples)
+    draw_strip(model, dm, split, out / "action_strip.png")
+    return metrics, baseline
+
+
 EVALUATORS = {"one_to_one": classify, "many_to_one": classify, "many_to_many": label_steps,
-              "seq2seq": translate, "one_to_many": melody, "char_lm": language_model}
+              "seq2seq": translate, "one_to_many": melody, "char_lm": language_model,
+              "captions": captions, "video": video}
 
 
 # --- pictures and samples ----------------------------------------------------------------------------
@@ -271,7 +286,7 @@ def evaluate(task_name: str, params: Params, *, data_root: Path = DATA_ROOT, mod
     with atomic_dir(plots_dir) as tmp_plots, atomic_dir(figures_dir) as tmp_figures, \
             atomic_dir(samples_dir) as tmp_samples:
         with torch.no_grad():
-            metrics, baseline = EVALUATORS[task.topology](model, dm, split, tmp_plots, tmp_samples)
+            metrics, baseline = EVALUATORS[task.evaluator or task.topology](model, dm, split, tmp_plots, tmp_samples)
         if task.key_metric not in metrics:
             raise PipelineError(f"{task_name}: the evaluator did not report the key metric {task.key_metric}")
         for picture in tmp_plots.glob("*.png"):  # evaluators draw next to their data: pictures go to the cache

@@ -16,6 +16,8 @@ user's copy:
   image classifier (digits)     images (N, 28, 28) with pixels in [0, 1]           -> label, probability
   series classifier (gesture)   series in raw units, NaN-padded or one per row     -> label, probability, length
   per-step labeller (activity)  series in raw units, NaN-padded or one per row     -> labels (one per step), length
+  captioner (captions)          `image`: PNG/JPEG path, bytes or base64; or pixels -> caption
+  frame labeller (video)        clips (N, T, H, W) or a list of (T_i, H, W), 0..255 -> actions (one per frame), length
 
 Bad input raises serving_inputs.InputError (HTTP 400 with one line under `mlflow models serve`); a failure
 inside the model raises PredictError (HTTP 500, one line; the traceback goes to the log).
@@ -197,6 +199,24 @@ class RNNPyfunc(PythonModel):
         return pd.DataFrame({"labels": pd.Series([labels[row[:n]].tolist() for row, n in zip(best, lengths.tolist())],
                                                  dtype=object),
                              "length": pd.Series(lengths.tolist(), dtype=np.int64)})
+
+    # --- images in (pipeline/vision.py holds the contracts) ---------------------------------------------
+
+    def _caption(self, model_input) -> pd.DataFrame:
+        from pipeline.vision import caption_inputs, generate_captions
+
+        images = caption_inputs(model_input, self.vocab["image_shape"])
+        return pd.DataFrame({"caption": pd.Series(generate_captions(self.model, images) if len(images) else [],
+                                                  dtype=object)})
+
+    def _clips(self, model_input) -> pd.DataFrame:
+        from pipeline.vision import clip_inputs
+
+        clips = clip_inputs(model_input, self.vocab["frame_shape"])
+        labels = np.asarray(self.vocab["labels"], dtype=object)
+        actions = [labels[self.model(torch.from_numpy(c)[None]).argmax(-1)[0].numpy()].tolist() for c in clips]
+        return pd.DataFrame({"actions": pd.Series(actions, dtype=object),
+                             "length": pd.Series([len(c) for c in clips], dtype=np.int64)})
 
 
 set_model(RNNPyfunc())

@@ -91,6 +91,13 @@ def sample(params: Params, uri: str, prime: str, length: int, temperature: float
     return _run(model, pd.DataFrame({"prime": [prime], **{k: [v] for k, v in checked.items()}}))["text"][0]
 
 
+def _file_bytes(name: str) -> bytes:
+    path = Path(name)
+    if not path.is_file():
+        raise PipelineError(f"{name}: no such file")
+    return path.read_bytes()
+
+
 def _arrays(inputs: list[str], task: str) -> list[tuple[str, object]]:
     """(name, array) of each .npy file named on the command line; PipelineError for anything else."""
     import numpy as np
@@ -166,6 +173,14 @@ def predict(params: Params, task: str, inputs: list[str], uri: str | None, **opt
         raise PipelineError(f"{', '.join(set_options)}: only for generators (charlm, melody), not {task}")
     elif kind in ("text", "translation"):
         out = _run(model, pd.DataFrame({"text": inputs}))
+    elif kind == "caption":  # image files: their bytes, so the model reads what the user named
+        out = _run(model, pd.DataFrame({"image": [_file_bytes(name) for name in inputs]}))
+        out.insert(0, "image", inputs)
+    elif kind == "clips":
+        clips = []
+        for _, x in _arrays(inputs, task):  # a file holds one clip (T, H, W) or a stack (N, T, H, W)
+            clips.extend(x if x.ndim == 4 else [x])
+        out = _run(model, clips)
     else:
         out = _run(model, _feature_rows(model, task, _arrays(inputs, task)))
     return out.to_string(index=False)

@@ -12,6 +12,8 @@ One contract per kind of model (`kind_of`: from the topology and vocabulary in c
     images        digits        an array (N, 28, 28) or (N, 784), or a list of 28x28 images; pixels in [0, 1]
     series        gesture       an array (N, T, C) (or (N, T) for one channel) padded at the end with NaN steps,
     steps         activity      a list of (T_i, C) arrays, or a DataFrame whose column `series` holds one per row
+    caption       captions      column `image`: a PNG/JPEG path, its bytes or base64 text; or (N, H, W, 3) 0..255
+    clips         video         an array (N, T, H, W) or a list of (T_i, H, W) clips, pixels 0..255
 
 Tables come as a DataFrame, a dict of columns, a list of records or a list of strings. Every problem is an
 `InputError` raised before any model work: one line that names the row (0-based, in input order) and the
@@ -76,6 +78,10 @@ class PredictError(OneLineError):
 def kind_of(info: dict) -> str:
     """Which input contract a trained model takes (its config.json: topology and vocabulary)."""
     topology, vocab = info["topology"], info["hparams"]["vocab"]
+    if "image_shape" in vocab:  # captions: an image file in, a sentence out (pipeline/vision.py)
+        return "caption"
+    if "frame_shape" in vocab:  # video: a clip in, an action per frame out (pipeline/vision.py)
+        return "clips"
     if topology in ("char_lm", "one_to_many", "seq2seq", "one_to_one", "many_to_many"):
         return {"char_lm": "charlm", "one_to_many": "melody", "seq2seq": "translation", "one_to_one": "images",
                 "many_to_many": "steps"}[topology]

