@@ -149,12 +149,19 @@ def draw_strip(model, dm, split: str, path: Path, clips: int = 3) -> None:
 # --- input contracts of the served models ------------------------------------------------------------------
 
 
+def _is_file(text: str) -> bool:
+    try:
+        return Path(text).is_file()
+    except (OSError, ValueError):  # too long for a path, a NUL: base64 text, not a path
+        return False
+
+
 def _one_image(value, where: str, size: int) -> np.ndarray:
     from pipeline.config import PipelineError
     from pipeline.datasets.captions import load_image
     from pipeline.serving_inputs import InputError
 
-    if isinstance(value, str) and not Path(value).is_file():
+    if isinstance(value, str) and not _is_file(value):
         try:  # JSON carries no bytes: a base64 string stands for the file's bytes
             value = base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):

