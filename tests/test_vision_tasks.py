@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from functools import cache
 
 import numpy as np
@@ -329,3 +330,45 @@ def test_pyfunc_answers_images_and_clips(tmp_path):
     assert all(set(a) <= set(video.ACTIONS) for a in out["actions"]) and len(out["actions"][1]) == 5
     with pytest.raises(InputError):
         served["video"].predict(None, io.BytesIO(b"x"))
+
+
+# --- the stages on tiny settings ---------------------------------------------------------------------------
+
+
+def test_prepare_train_evaluate_tiny(tmp_path, monkeypatch):
+    from matplotlib.image import imread
+    from torchmetrics.text import BLEUScore
+
+    from pipeline.config import parse_params
+    from pipeline.evaluate import evaluate
+    from pipeline.prepare import prepare
+    from pipeline.train import train
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    small = {"model": {"hidden_size": 16, "embedding_dim": 8}, "train": {"max_epochs": 2, "batch_size": 16}}
+    params = parse_params({"seed": 3, "tasks": ["captions", "video"],
+                           "captions": {"data": {"image_size": 16}, **small},
+                           "video": {"data": {"frames": 8, "train_clips": 48, "val_clips": 16, "test_clips": 16},
+                                     **small}})
+    roots = {"data_root": tmp_path / "data", "models_root": tmp_path / "models"}
+    out = {"metrics_root": tmp_path / "metrics", "plots_root": tmp_path / "plots",
+           "samples_root": tmp_path / "samples", "figures_root": tmp_path / "figures"}
+    for task in ("captions", "video"):
+        prepare(task, params, tmp_path / "data")
+        train(task, params, **roots, ckpt_root=tmp_path / "ckpt", track=False, root=tmp_path)
+        evaluate(task, params, **roots, **out, track=False, root=tmp_path)
+    captions_metrics = json.loads((tmp_path / "metrics" / "captions.json").read_text())
+    assert list(captions_metrics)[0] == "bleu" and set(captions_metrics["baseline"]) >= {"bleu", "bleu_1"}
+    rows = [line.split("\t") for line in (tmp_path / "samples/captions/captions.tsv").read_text().splitlines()[1:]]
+    assert len(rows) == len(built_captions().splits["test"]["codepoint"])
+    refs, hyps, near = [[r[2]] for r in rows], [r[3] for r in rows], [r[4] for r in rows]
+    assert captions_metrics["bleu"] == pytest.approx(float(BLEUScore(n_gram=2)(hyps, refs)), abs=1e-6)
+    assert captions_metrics["baseline"]["bleu_1"] == pytest.approx(float(BLEUScore(n_gram=1)(near, refs)), abs=1e-6)
+    video_metrics = json.loads((tmp_path / "metrics" / "video.json").read_text())
+    pairs = json.loads((tmp_path / "plots/video/confusion.json").read_text())
+    assert len(pairs) == 16 * 8
+    assert video_metrics["accuracy"] == pytest.approx(np.mean([p["actual"] == p["predicted"] for p in pairs]),
+                                                      abs=1e-6)
+    for picture in ("captions/captions.png", "video/action_strip.png", "video/confusion.png",
+                    "captions/gate_heatmaps.png", "video/gate_saturation.png"):
+        assert imread(tmp_path / "figures" / picture).ndim == 3
