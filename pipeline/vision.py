@@ -211,8 +211,9 @@ def caption_inputs(model_input, image_shape) -> np.ndarray:
 
 
 def clip_inputs(model_input, frame_shape, max_frames: int = 10_000) -> list[np.ndarray]:
-    """Clips as a list of (T_i, H, W) uint8 arrays from: an array (N, T, H, W) or one clip (T, H, W), pixels
-    0..255 (uint8, or numbers in that range), or a list of (T_i, H, W) clips. InputError otherwise."""
+    """Clips as a list of (T_i, H, W) uint8 arrays (H, W = frame_shape) from: an array (N, T, h, w) or one clip
+    (T, h, w), pixels 0..255 (uint8, or numbers in that range), or a list of (T_i, h, w) clips; frames of another
+    size are resized (bilinear) to the model's. InputError otherwise."""
     from pipeline.serving_inputs import InputError, at
 
     height, width = frame_shape
@@ -220,7 +221,7 @@ def clip_inputs(model_input, frame_shape, max_frames: int = 10_000) -> list[np.n
         if model_input.ndim == 3:
             model_input = model_input[None]
         if model_input.ndim != 4:
-            raise InputError(f"expected clips (N, T, {height}, {width}) or one clip (T, {height}, {width}); "
+            raise InputError(f"expected clips (N, T, height, width) or one clip (T, height, width); "
                              f"got an array of shape {model_input.shape}")
         model_input = list(model_input)
     if not isinstance(model_input, (list, tuple, np.ndarray)):
@@ -232,12 +233,18 @@ def clip_inputs(model_input, frame_shape, max_frames: int = 10_000) -> list[np.n
             x = np.asarray(clip, dtype=np.float64)
         except (TypeError, ValueError):
             raise InputError(f"{at(i)}: the clip is not an array of numbers") from None
-        if x.ndim != 3 or x.shape[1:] != (height, width) or len(x) == 0:
-            raise InputError(f"{at(i)}: expected a clip (T >= 1, {height}, {width}); got shape {x.shape}")
+        if x.ndim != 3 or len(x) == 0 or min(x.shape[1:]) < 1:
+            raise InputError(f"{at(i)}: expected a clip (T >= 1, height, width); got shape {x.shape}")
         if not np.isfinite(x).all() or x.min() < 0 or x.max() > 255:
             raise InputError(f"{at(i)}: pixel values must be finite and lie in 0..255")
         frames += len(x)
         if frames > max_frames:
             raise InputError(f"more than {max_frames} frames in one request: send fewer clips per request")
-        out.append(np.rint(x).astype(np.uint8))
+        clip = np.rint(x).astype(np.uint8)
+        if clip.shape[1:] != (height, width):  # another frame size: resized (bilinear) to the model's
+            from PIL import Image
+
+            clip = np.stack([np.asarray(Image.fromarray(f).resize((width, height), Image.Resampling.BILINEAR))
+                             for f in clip])
+        out.append(clip)
     return out

@@ -292,8 +292,10 @@ def test_clip_inputs():
     clip = built_video().splits["test"]["x"][0]
     assert [c.shape for c in clip_inputs(clip, [32, 32])] == [(12, 32, 32)]
     assert [len(c) for c in clip_inputs([clip, clip[:3]], [32, 32])] == [12, 3]
+    small = clip_inputs([clip[:, ::2, ::2]], [32, 32])[0]  # 16x16 frames: resized to the model's 32x32
+    assert small.shape == (12, 32, 32) and np.abs(small.astype(int) - clip.astype(int)).mean() < 20
     with pytest.raises(InputError, match="row 1"):
-        clip_inputs([clip, np.zeros((3, 16, 16))], [32, 32])
+        clip_inputs([clip, np.zeros((3, 16))], [32, 32])
     with pytest.raises(InputError, match="0..255"):
         clip_inputs(-np.ones((1, 2, 32, 32)), [32, 32])
     with pytest.raises(InputError, match="frames in one request"):

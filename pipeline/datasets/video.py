@@ -125,7 +125,8 @@ def clips(images: np.ndarray, pool: np.ndarray, count: int, cfg: VideoData, rng:
 
 
 def example() -> np.ndarray:
-    """Two real clips as predict takes them, (2, 16, 32, 32) uint8: the logged model's input example."""
+    """Two real clips as predict takes them, (2, 16, 32, 32) uint8: the logged model's input example (a model
+    with another canvas resizes the frames: pipeline.vision.clip_inputs)."""
     from pipeline.config import VideoData
 
     cfg = VideoData()
