@@ -37,10 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="python -m pipeline", description=__doc__.splitlines()[0], **helpful)
     ap.add_argument("--params", default=PARAMS_FILE, help="params file")
     sub = ap.add_subparsers(dest="stage", required=True, metavar="stage")
-    for stage, text in (("prepare", "build data/prepared/<task>/ from its source package"),
+    for stage, text in (("prepare", "build data/prepared/<task>/ from its source (a package or your files)"),
                         ("train", "train a task's model into models/<task>/"),
                         ("evaluate", "metrics/<task>.json and plots/<task>/ from the held-out split")):
         sub.add_parser(stage, help=text, description=text, **helpful).add_argument("task")
+    text = "data/sources/<task>.json: the hashes of a task's files and reader code (prepare's dependency)"
+    sub.add_parser("sources", help=text, description=text, **helpful).add_argument("task")
     text = "register every task's model in MLflow; move 'champion' if better"
     sub.add_parser("register", help=text, description=text, **helpful)
     text = "the long-term dependency experiment: LSTM vs vanilla RNN"
@@ -51,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     text = "generate text from a registered char LM"
     sample = sub.add_parser("sample", help=text, description=text, **helpful)
     sample.add_argument("--model-uri", default="models:/charlm@champion", help="a registered char LM")
-    sample.add_argument("--prime", default=CHARLM.prime, help="the text to start from (known characters only)")
+    sample.add_argument("--prime", default=None, help="the text to start from (known characters only; default: "
+                        f"{CHARLM.prime!r} where the model knows its characters, else its text's first letter)")
     sample.add_argument("--length", type=int, default=CHARLM.length, help=f"characters to generate, 0..{MAX_CHARS}")
     sample.add_argument("--temperature", type=float, default=CHARLM.temperature,
                         help="sampling temperature >= 0; 0 = greedy")
@@ -90,7 +93,11 @@ def main(argv: list[str] | None = None) -> int:
 
         # the default params.yaml is the workspace's, found from any folder inside the repo (as is its store)
         params = load_params(workspace_root() / PARAMS_FILE if args.params == PARAMS_FILE else args.params)
-        if args.stage == "prepare":
+        if args.stage == "sources":
+            from pipeline.sources import write_fingerprint
+
+            print(write_fingerprint(args.task, params))
+        elif args.stage == "prepare":
             from pipeline.prepare import prepare, summary
 
             print(summary(args.task, prepare(args.task, params)))

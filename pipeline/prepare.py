@@ -1,7 +1,7 @@
 """Stage `prepare`: build one task's data from its package and save it to data/prepared/<task>.
 
-numpy only: no torch, no Lightning. The task registry names the data module; the module's
-`build(cfg, seed)` returns a `Prepared`, written atomically by `save_prepared`.
+numpy only: no torch, no Lightning. The task's source (pipeline.sources: a built-in module or the user's
+files) builds a `Prepared`, written atomically by `save_prepared`.
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ def vocab_sizes(vocab: dict) -> dict[str, int]:
 
 def prepare(task: str, params: Params, root: str | Path = PREPARED_ROOT) -> dict:
     """Build `task`'s data with `params` and save it to root/task; return the manifest."""
-    module = get_task(task).data_module
-    prepared = module.build(params.task(task).data, params.seed)
-    prepared.stats = {**prepared.stats, "vocab_sizes": vocab_sizes(prepared.vocab)}
+    spec = get_task(task, params)
+    prepared = spec.source.build(spec.section.data, params.seed)
+    # the manifest names the topology: DVC's hash of the folder changes with it, so train@<task> reruns
+    prepared.stats = {**prepared.stats, "vocab_sizes": vocab_sizes(prepared.vocab), "topology": spec.topology_name}
     return save_prepared(prepared, Path(root) / task)
 
 

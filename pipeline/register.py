@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pipeline.atomic import atomic_dir
 from pipeline.config import Params, PipelineError
-from pipeline.tasks import get_task
+from pipeline.tasks import Task, get_task
 
 MODELS_ROOT, METRICS_ROOT, REGISTRY_ROOT = Path("models"), Path("metrics"), Path("registry")
 ALIAS = "champion"
@@ -35,7 +35,7 @@ def register_task(task_name: str, params: Params, *, models_root: Path = MODELS_
 
     from pipeline import tracking
 
-    task = get_task(task_name)
+    task = get_task(task_name, params)
     model_dir, metrics_file = models_root / task_name, metrics_root / f"{task_name}.json"
     if not metrics_file.exists():
         raise PipelineError(f"{metrics_file}: no metrics; run `dvc repro evaluate@{task_name}`")
@@ -55,7 +55,7 @@ def register_task(task_name: str, params: Params, *, models_root: Path = MODELS_
     try:
         tags = {f"metric.{k}": str(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         tags.update({"key_metric": key, "higher_is_better": str(task.higher_is_better), "task": task_name,
-                     "topology": task.topology, "fingerprint": info.get("fingerprint", "")})
+                     "topology": task.topology_name, "fingerprint": info.get("fingerprint", "")})
         for k, v in tags.items():
             client.set_model_version_tag(task_name, version, k, v)
         champion = tracking.alias_version(client, task_name, ALIAS)
@@ -76,8 +76,8 @@ def register_task(task_name: str, params: Params, *, models_root: Path = MODELS_
                    f"{old_value}" if move else f"{key} {new_value:.4f} is worse than champion v{champion.version}'s "
                    f"{old_value:.4f}")
         if made_here or (move and not current):  # an older version's description keeps its own reason
-            describe_version(client, task_name, str(version), run_id, metrics, why, champion=move)
-        describe_model(client, task_name, run_id)
+            describe_version(client, task, str(version), run_id, metrics, why, champion=move)
+        describe_model(client, task, run_id)
     except BaseException:
         if made_here:  # no half-made version: its tags, the alias or the descriptions failed
             client.delete_model_version(task_name, str(version))
@@ -88,10 +88,10 @@ def register_task(task_name: str, params: Params, *, models_root: Path = MODELS_
             "new_version": made_here}
 
 
-def describe_model(client, task_name: str, run_id: str) -> None:
+def describe_model(client, task: Task, run_id: str) -> None:
     """The registered model's description: task, topology, the data it learns from (the training run's input
     dataset), and how the champion is chosen."""
-    task = get_task(task_name)
+    task_name = task.name
     data = ""
     run = client.get_run(run_id)
     for dataset_input in run.inputs.dataset_inputs if run.inputs else []:
@@ -102,24 +102,24 @@ def describe_model(client, task_name: str, run_id: str) -> None:
         if what:
             data = f", trained on {what.rstrip('.')}"
     client.update_registered_model(task_name, description=(
-        f"Task `{task_name}`: a {task.topology} model on GateLSTM{data}. One version per training run, "
+        f"Task `{task_name}`: a {task.topology_name} model on GateLSTM{data}. One version per training run, "
         f"registered by the `register` stage; the alias `{ALIAS}` marks the best {task.key_metric} on the "
         f"{task.eval_split} split ({'higher' if task.higher_is_better else 'lower'} is better). Each version's "
         "description says why the champion moved to it or stayed."))
 
 
-def describe_version(client, task_name: str, version: str, run_id: str, metrics: dict, why: str,
+def describe_version(client, task: Task, version: str, run_id: str, metrics: dict, why: str,
                      champion: bool) -> None:
     """A version's description: its run, its key metric on the evaluation split, and why `champion` moved to
     it (champion=True) or stayed where it was."""
-    task = get_task(task_name)
+    task_name = task.name
     key, split = task.key_metric, task.eval_split
     samples = metrics.get("samples")
     on = f"{samples} {split} samples" if isinstance(samples, int) else f"the {split} split"
     verdict = f"became `{ALIAS}` ({why})" if champion else f"left `{ALIAS}` where it was ({why})"
     run_name = client.get_run(run_id).info.run_name
     client.update_model_version(task_name, version, description=(
-        f"{task_name} ({task.topology}) from run {run_name} ({run_id}): {key} {float(metrics[key]):.4f} on {on} "
+        f"{task_name} ({task.topology_name}) from run {run_name} ({run_id}): {key} {float(metrics[key]):.4f} on {on} "
         f"({'higher' if task.higher_is_better else 'lower'} is better). At registration it {verdict}."))
 
 

@@ -14,12 +14,7 @@ PipelineError: one line, exit code 2.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pipeline.config import Params, PipelineError, first_line
-
-# `predict`'s sampling options: (option, column in the model's input)
-SAMPLING = {"length": "--length", "temperature": "--temperature", "top_k": "--top-k", "seed": "--seed"}
 
 
 def load(params: Params, uri: str):
@@ -55,132 +50,33 @@ def _run(model, model_input):
         raise PipelineError(first_line(err)) from None
 
 
-def _options(kind: str, options: dict) -> dict:
-    """The set sampling options, checked with the serving contract; the option names in the messages."""
-    from pipeline import serving_inputs as inputs
-    from pipeline.serving_defaults import MAX_CHARS, MAX_NOTES, MAX_SEED
-
-    cap = MAX_CHARS if kind == "charlm" else MAX_NOTES
-    checks = {"length": lambda v, w: inputs.whole(v, w, 0, cap, None),
-              "temperature": lambda v, w: inputs.real(v, w, 0.0, None),
-              "top_k": lambda v, w: inputs.whole(v, w, 1, None, None),
-              "seed": lambda v, w: inputs.whole(v, w, 0, MAX_SEED, None)}
-    checked = {}
-    for name, value in options.items():
-        if value is None:
-            continue
-        if inputs.is_missing(value):  # NaN: a missing cell in a table, but on a command line a bad number
-            raise PipelineError(f"{SAMPLING[name]}: expected a finite number, got {value}")
-        try:
-            checked[name] = checks[name](value, SAMPLING[name])
-        except inputs.InputError as err:
-            raise PipelineError(err.message) from None
-    return checked
-
-
-def sample(params: Params, uri: str, prime: str, length: int, temperature: float, top_k: int | None,
+def sample(params: Params, uri: str, prime: str | None, length: int, temperature: float, top_k: int | None,
            seed: int | None = None) -> str:
-    import pandas as pd
+    """`sample`: text from a registered model whose topology has the `sample` verb (a char LM)."""
+    from pipeline.models.serving import sampling_options
+    from pipeline.serving_defaults import MAX_CHARS
 
-    checked = _options("charlm", {"length": length, "temperature": temperature, "top_k": top_k, "seed": seed})
+    options = sampling_options({"length": length, "temperature": temperature, "top_k": top_k, "seed": seed},
+                               MAX_CHARS)  # before loading anything: a bad option is one quick line
     model = load(params, uri)
     task = _task_of(model, uri)
-    if model.unwrap_python_model().kind != "charlm":
-        raise PipelineError(f"{uri} is the {task!r} model, not a char LM: `sample` needs one "
-                            f"(try `python -m pipeline predict {task} ...`)")
-    return _run(model, pd.DataFrame({"prime": [prime], **{k: [v] for k, v in checked.items()}}))["text"][0]
-
-
-def _file_bytes(name: str) -> bytes:
-    path = Path(name)
-    if not path.is_file():
-        raise PipelineError(f"{name}: no such file")
-    return path.read_bytes()
-
-
-def _arrays(inputs: list[str], task: str) -> list[tuple[str, object]]:
-    """(name, array) of each .npy file named on the command line; PipelineError for anything else."""
-    import numpy as np
-
-    rows = []
-    for name in inputs:
-        path = Path(name)
-        if path.suffix != ".npy":
-            raise PipelineError(f"{task} takes .npy files (one input or several stacked); got {name!r}")
-        if not path.is_file():
-            raise PipelineError(f"{name}: no such file")
-        try:
-            x = np.load(path, allow_pickle=False)
-        except Exception as err:
-            raise PipelineError(f"{name}: not a readable .npy array ({first_line(err)})") from None
-        rows.append((name, x))
-    return rows
-
-
-def _feature_rows(model, task: str, files: list[tuple[str, object]]) -> list:
-    """One row per input: a file holds one input (an image (28, 28) or (784,); a series (T, C), or (T,) with one
-    channel) or a stack of them along a first axis ((N, 28, 28); (N, T, C), or (N, T) NaN-padded with one
-    channel). Series of different lengths come as separate rows, each read at its own length."""
-    import math
-
-    info = model.unwrap_python_model().info
-    shape = tuple(info["hparams"]["dims"]["input_shape"])
-    rows = []
-    for name, x in files:
-        if info["topology"] == "one_to_one":
-            one = (shape, (math.prod(shape),))
-            if x.shape in one:
-                rows.append(x.reshape(shape))
-                continue
-            if x.ndim >= 2 and x.shape[1:] in one:
-                rows.extend(x.reshape(-1, *shape))
-                continue
-            form = f"one image {shape} or a stack (N, {', '.join(map(str, shape))})"
-        else:
-            channels = shape[-1]
-            if (x.ndim == 1 and channels == 1) or (x.ndim == 2 and x.shape[1] == channels):
-                rows.append(x)
-                continue
-            if (x.ndim == 3 and x.shape[2] == channels) or (x.ndim == 2 and channels == 1):
-                rows.extend(x)
-                continue
-            form = f"one series (T, {channels}) or a stack (N, T, {channels}) padded with NaN"
-        raise PipelineError(f"{name}: an array of shape {x.shape} is not {form}")
-    return rows
+    pyfunc = model.unwrap_python_model()
+    if "sample" not in pyfunc.topology.verbs:
+        raise PipelineError(f"{uri} is the {task!r} model, not a char LM: `sample` needs one (its topology "
+                            f"{pyfunc.topology.name} has no `sample`; try `python -m pipeline predict {task} ...`)")
+    return _run(model, pyfunc.topology.cli_sample(pyfunc, prime, options))["text"][0]
 
 
 def predict(params: Params, task: str, inputs: list[str], uri: str | None, **options) -> str:
-    import pandas as pd
-
+    """`predict`: the task's registered model on command-line inputs; the topology reads them
+    (texts, primes, seed notes, .npy or .csv files) and says which sampling options it takes."""
     from pipeline.tasks import get_task
 
-    get_task(task)
+    get_task(task, params)
     uri = uri or f"models:/{task}@champion"
     model = load(params, uri)
     found = _task_of(model, uri)
     if found != task:
         raise PipelineError(f"{uri} is the {found!r} model, not {task!r}")
-    kind = model.unwrap_python_model().kind
-    set_options = [SAMPLING[k] for k, v in options.items() if v is not None]
-    if kind in ("charlm", "melody"):
-        checked = _options(kind, options)
-        column = {"charlm": "prime", "melody": "seed"}[kind]
-        if kind == "melody" and "seed" in checked:
-            checked["random_seed"] = checked.pop("seed")
-        frame = pd.DataFrame({column: inputs, **{k: [v] * len(inputs) for k, v in checked.items()}})
-        out = _run(model, frame)
-    elif set_options:
-        raise PipelineError(f"{', '.join(set_options)}: only for generators (charlm, melody), not {task}")
-    elif kind in ("text", "translation"):
-        out = _run(model, pd.DataFrame({"text": inputs}))
-    elif kind == "caption":  # image files: their bytes, so the model reads what the user named
-        out = _run(model, pd.DataFrame({"image": [_file_bytes(name) for name in inputs]}))
-        out.insert(0, "image", inputs)
-    elif kind == "clips":
-        clips = []
-        for _, x in _arrays(inputs, task):  # a file holds one clip (T, H, W) or a stack (N, T, H, W)
-            clips.extend(x if x.ndim == 4 else [x])
-        out = _run(model, clips)
-    else:
-        out = _run(model, _feature_rows(model, task, _arrays(inputs, task)))
-    return out.to_string(index=False)
+    pyfunc = model.unwrap_python_model()
+    return _run(model, pyfunc.topology.cli_input(pyfunc, inputs, options)).to_string(index=False)

@@ -1,7 +1,7 @@
 """The input contract of every served model: what the pyfunc model's `predict` accepts, checks and returns.
 
-One contract per kind of model (`kind_of`: from the topology and vocabulary in config.json; the README's
-"Serving" section is the user's copy):
+One contract per kind of model: the topology object's `predict` (pipeline/models/<topology>.py) picks it from
+its vocabulary (the README's "Serving" section is the user's copy):
 
     text          sentiment     column `text`: a string, "" allowed
     translation   translation   column `text`: a string, "" allowed
@@ -10,10 +10,9 @@ One contract per kind of model (`kind_of`: from the topology and vocabulary in c
     melody        melody        column `seed`: a known note such as "C5|1.0"
                                 [, `length`, `temperature`, `top_k`, `random_seed`]
     images        digits        an array (N, 28, 28) or (N, 784), or a list of 28x28 images; pixels in [0, 1]
+    features      tabular       a table of the model's feature columns (raw units), or an array (N, F)
     series        gesture       an array (N, T, C) (or (N, T) for one channel) padded at the end with NaN steps,
     steps         activity      a list of (T_i, C) arrays, or a DataFrame whose column `series` holds one per row
-    caption       captions      column `image`: a PNG/JPEG path, its bytes or base64 text; or (N, H, W, 3) 0..255
-    clips         video         an array (N, T, H, W) or a list of (T_i, H, W) clips, pixels 0..255
 
 Tables come as a DataFrame, a dict of columns, a list of records or a list of strings. Every problem is an
 `InputError` raised before any model work: one line that names the row (0-based, in input order) and the
@@ -73,19 +72,6 @@ class InputError(OneLineError):
 class PredictError(OneLineError):
     """A failure inside the model on an input that passed its contract: HTTP 500, the traceback in the
     server's log rather than in the response."""
-
-
-def kind_of(info: dict) -> str:
-    """Which input contract a trained model takes (its config.json: topology and vocabulary)."""
-    topology, vocab = info["topology"], info["hparams"]["vocab"]
-    if "image_shape" in vocab:  # captions: an image file in, a sentence out (pipeline/vision.py)
-        return "caption"
-    if "frame_shape" in vocab:  # video: a clip in, an action per frame out (pipeline/vision.py)
-        return "clips"
-    if topology in ("char_lm", "one_to_many", "seq2seq", "one_to_one", "many_to_many"):
-        return {"char_lm": "charlm", "one_to_many": "melody", "seq2seq": "translation", "one_to_one": "images",
-                "many_to_many": "steps"}[topology]
-    return "text" if "tokens" in vocab else "series"
 
 
 def at(row: int, column: str | None = None) -> str:
@@ -278,6 +264,37 @@ def images(model_input, shape: Sequence[int]) -> np.ndarray:
             raise InputError(f"{at(i)}: pixel values must lie in [0, 1], got {image.min():g}..{image.max():g} "
                              "(divide 0-255 images by 255)")
     return x.astype(np.float32)
+
+
+def features(model_input, names: Sequence[str]) -> np.ndarray:
+    """(N, F) float64 feature rows in raw units: a DataFrame (or dict of columns, list of records) with exactly
+    the F columns `names` (CSV), an array (N, F), one row (F,), or a list of rows; every value finite."""
+    if isinstance(model_input, (dict, pd.DataFrame)) or (isinstance(model_input, list) and model_input
+                                                         and isinstance(model_input[0], dict)):
+        frame = pd.DataFrame(model_input) if not isinstance(model_input, pd.DataFrame) else model_input
+        missing = [n for n in names if n not in frame.columns]
+        unknown = [str(c) for c in frame.columns if c not in names]
+        if missing:
+            raise InputError(f"missing column(s) {', '.join(map(repr, missing))}; the model takes "
+                             f"{', '.join(map(repr, names))}")
+        if unknown:
+            raise InputError(f"unknown column(s) {', '.join(map(repr, unknown))}; known: {', '.join(map(repr, names))}")
+        for column in names:
+            for i, value in enumerate(frame[column].tolist()):
+                _number(value, at(i, column), "a number")
+        model_input = frame[list(names)].apply(pd.to_numeric, errors="coerce").to_numpy()
+    x = _float_array(model_input, "the input")
+    if x.ndim == 1 and len(x) == len(names):
+        x = x[None]
+    if x.size == 0:
+        return np.zeros((0, len(names)))
+    if x.ndim != 2 or x.shape[1] != len(names):
+        raise InputError(f"expected rows of {len(names)} features ({', '.join(names)}); got an array of shape "
+                         f"{x.shape}")
+    bad = np.argwhere(~np.isfinite(x))
+    if len(bad):
+        raise InputError(f"{at(int(bad[0][0]), names[int(bad[0][1])])}: missing or not a finite number")
+    return x
 
 
 def _rows(model_input, channels: int) -> list:

@@ -1,77 +1,102 @@
-"""The task registry: task key -> data builder, model class, key metric.
+"""A task: a section of params.yaml naming its topology and its data source, resolved for the stages.
 
-Stages ask this registry instead of branching on a task's name. Modules are named, not
-imported, so `prepare digits` never imports music21 and `prepare` never imports Lightning.
+    digits:                      # a task (listed in `tasks:` to run)
+      topology: one_to_one       # pipeline/topologies.py: the model, its evaluation, serving, CLI verbs
+      data: {source: digits, max_samples: 5000}   # a built-in source (pipeline/datasets/digits.py) or a path
+      model: {...}
+      train: {...}
+
+Stages ask the Task (its `source` and its `topology` object) instead of branching on a name. The source
+is resolved without torch (prepare never imports Lightning); the topology object imports its module.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
+from functools import cached_property
 
-from pipeline.config import TASKS, ConfigError
-
-# The model/train settings only some tasks read (params.yaml has them in every task's section); each Task
-# lists those it reads in `uses`. Every other setting is read by every task.
-OPTIONAL_SETTINGS = frozenset({"model.embedding_dim", "model.attention", "model.frame_stride", "model.bidirectional",
-                               "train.block_size", "train.augment_shift"})
+from pipeline.config import ConfigError, Params, TaskParams
+from pipeline.sources import Source, resolve
+from pipeline.topologies import Topology, get_topology, load_variant
 
 
 @dataclass(frozen=True)
 class Task:
     name: str
-    topology: str  # one_to_one, one_to_many, many_to_one, seq2seq, many_to_many, char_lm
-    model: str  # "module:Class" under pipeline.models
-    key_metric: str
-    higher_is_better: bool
-    uses: tuple[str, ...] = ()  # the OPTIONAL_SETTINGS this task's model and data module read
-    evaluator: str | None = None  # evaluate.EVALUATORS key when not the topology's own (captions, video)
+    section: TaskParams
 
     @property
-    def eval_split(self) -> str:
-        """The held-out split evaluation reports on: the char LM's text has no test part, so val."""
-        return "val" if self.topology == "char_lm" else "test"
+    def topology_name(self) -> str:
+        return self.section.topology
 
-    def own_params(self, section: dict) -> dict:
-        """The task's params.yaml section ({"data", "model", "train"}) without the settings it never reads."""
-        unused = OPTIONAL_SETTINGS - set(self.uses)
-        return {group: ({k: v for k, v in values.items() if f"{group}.{k}" not in unused}
-                        if isinstance(values, dict) else values) for group, values in section.items()}
+    @cached_property
+    def source(self) -> Source:
+        return resolve(self.section.data.source)
 
     @property
     def data_module(self):
-        """pipeline.datasets.<task>: build(cfg, seed) -> Prepared."""
-        return importlib.import_module(f"pipeline.datasets.{self.name}")
+        """The source's module: a built-in's pipeline.datasets.<source>, or the files reader."""
+        return self.source.module
+
+    @property
+    def inputs(self) -> str:
+        """What the model reads: "images", "tokens" or "features" (the data schema says)."""
+        return type(self.section.data).inputs
+
+    @cached_property
+    def topology(self) -> Topology:
+        """The topology object; a built-in source may declare its own variant of it (Source.variant)."""
+        variant = self.source.variant
+        return load_variant(variant, self.topology_name) if variant else get_topology(self.topology_name)
+
+    # what the topology decides
+    @property
+    def key_metric(self) -> str:
+        return self.topology.key_metric
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.topology.higher_is_better
+
+    @property
+    def eval_split(self) -> str:
+        return self.topology.eval_split
 
     @property
     def model_class(self):
-        module, cls = self.model.split(":")
-        return getattr(importlib.import_module(f"pipeline.models.{module}"), cls)
+        return self.topology.model_class
+
+    @property
+    def model(self) -> str:
+        """"module:Class" under pipeline.models (config.json's model_class)."""
+        return self.topology.model_path
+
+    @property
+    def uses(self) -> frozenset[str]:
+        """The optional model/train settings (topologies.OPTIONAL_SETTINGS) this task reads."""
+        return self.topology.settings(self.inputs)
+
+    def check_settings(self) -> None:
+        """ConfigError naming the first model/train knob set in params.yaml that this task's topology ignores."""
+        unused = self.topology.unused_settings(self.section, self.inputs)
+        if unused:
+            raise ConfigError(f"{self.name}.{unused[0]}: not used by {self.topology_name} over "
+                              f"{self.inputs}; remove it from params.yaml")
+
+    def own_params(self, section: dict) -> dict:
+        """The task's section as a dict without the settings it never reads."""
+        return self.topology.own_params(section, self.inputs)
 
 
-REGISTRY: dict[str, Task] = {
-    t.name: t
-    for t in (
-        Task("digits", "one_to_one", "one_to_one:OneToOne", "accuracy", True, ("train.augment_shift",)),
-        Task("melody", "one_to_many", "one_to_many:OneToMany", "nll", False, ("model.embedding_dim",)),
-        Task("sentiment", "many_to_one", "many_to_one:ManyToOne", "accuracy", True,
-             ("model.embedding_dim", "model.bidirectional")),
-        Task("gesture", "many_to_one", "many_to_one:ManyToOne", "accuracy", True,
-             ("model.frame_stride", "model.bidirectional")),
-        Task("translation", "seq2seq", "seq2seq:Seq2Seq", "exact_match", True,
-             ("model.embedding_dim", "model.attention", "model.bidirectional")),
-        Task("activity", "many_to_many", "many_to_many:ManyToMany", "accuracy", True, ("model.bidirectional",)),
-        Task("charlm", "char_lm", "char_lm:CharLM", "loss", False, ("model.embedding_dim", "train.block_size")),
-        Task("captions", "one_to_many", "captioner:ImageCaptioner", "bleu", True, ("model.embedding_dim",),
-             evaluator="captions"),
-        Task("video", "many_to_many", "frames:FrameLabeller", "accuracy", True,
-             ("model.embedding_dim", "model.bidirectional"), evaluator="video"),
-    )
-}
-assert tuple(REGISTRY) == TASKS
+def get_task(name: str, params: Params | None = None) -> Task:
+    """The task `name` of `params` (default: a built-in task with its defaults); ConfigError if unknown."""
+    section = (params if params is not None else _builtin_params(name)).task(name)
+    return Task(name, section)
 
 
-def get_task(name: str) -> Task:
-    if name not in REGISTRY:
-        raise ConfigError(f"unknown task {name!r}; known tasks: {', '.join(REGISTRY)}")
-    return REGISTRY[name]
+def _builtin_params(name: str) -> Params:
+    from pipeline.sources import builtin_names, is_builtin
+
+    if not is_builtin(name):
+        raise ConfigError(f"unknown task {name!r}; known tasks: {', '.join(builtin_names())}")
+    return Params(tasks=[name])

@@ -232,7 +232,7 @@ def task_params(params: Params, task: str) -> dict[str, object]:
     and the task's section without the knobs only other tasks use (gesture logs no `attention`)."""
     from pipeline.tasks import get_task
 
-    own = get_task(task).own_params(params.task(task).model_dump(mode="json"))
+    own = get_task(task, params).own_params(params.task(task).model_dump(mode="json"))
     return flatten({"seed": params.seed, "trainer": params.trainer.model_dump(), task: own})
 
 
@@ -296,9 +296,10 @@ def prepared_digest(data_dir: Path) -> str:
     return "sha256:" + load_manifest(data_dir)["content_sha256"][:28]  # MLflow keeps 36 characters
 
 
-def log_dataset(client, run_id: str, task: str, data_dir: Path) -> None:
+def log_dataset(client, run_id: str, task: str, data_dir: Path, builder: str | None = None) -> None:
     """The prepared data as the run's input dataset (context "training"): named after the task, the DVC hash
-    as digest, the package that ships the data as source, the train split's arrays as schema and profile.
+    as digest, the package that ships the data as source, `builder` (the source's reader and files), the train
+    split's arrays as schema and profile.
     Only this description is logged, never the data."""
     import json
 
@@ -315,7 +316,8 @@ def log_dataset(client, run_id: str, task: str, data_dir: Path) -> None:
     info = manifest.get("source", {})
     source = CodeDatasetSource({"package": f"{info.get('package', '?')} {info.get('version', '')}".strip(),
                                 "license": info.get("license", ""), "what": info.get("what", ""),
-                                "prepared": Path(data_dir).as_posix(), "builder": f"pipeline.datasets.{task}",
+                                "prepared": Path(data_dir).as_posix(),
+                                "builder": builder or f"pipeline.datasets.{task}",
                                 "counts": json.dumps(manifest.get("counts", {}), sort_keys=True)})
     dataset = mlflow.data.from_numpy(arrays, source=source, targets=target or None, name=task,
                                      digest=prepared_digest(data_dir))
@@ -399,7 +401,7 @@ def pip_requirements() -> list[str]:
     return [f"{name}=={version(name).split('+')[0]}" for name in PIP_REQUIREMENTS]
 
 
-def _signature_and_example(model_dir: Path):
+def _signature_and_example(model_dir: Path, params: Params | None = None):
     """(input schema, input example) of a trained model: what its pyfunc predict takes.
 
     The input schema is None for every model: pipeline/serving_inputs.py checks every input itself (one-line
@@ -409,29 +411,18 @@ def _signature_and_example(model_dir: Path):
     and turns `{"inputs": {"text": [...]}}` into one row, a `string` column answers a JSON number with MLflow's
     several-line message, and a tensor spec refuses float64 arrays and series of different lengths. Without a
     schema MLflow hands predict what the payload parses to, in every format. The examples are real inputs in
-    the units predict takes (feature models: pipeline.datasets.<task>.example())."""
+    the units predict takes: the topology's (Topology.input_example), from the task's source where it has one
+    (feature models: pipeline.datasets.<source>.example()). `params`: the task's section (default: a built-in
+    task's)."""
     import json
 
-    import pandas as pd
-
-    from pipeline.serving_defaults import MELODY
-    from pipeline.serving_inputs import kind_of
     from pipeline.tasks import get_task
+    from pipeline.topologies import topology_of
 
     info = json.loads((model_dir / "config.json").read_text())
-    kind, vocab = kind_of(info), info["hparams"]["vocab"]
-    if kind == "charlm":
-        primes = [p for p in ("ROMEO:", "The ") if set(p) <= set(vocab["chars"])] or [vocab["chars"][-1]]
-        return None, pd.DataFrame({"prime": (primes * 2)[:2], "length": [40, None],  # a partly filled batch
-                                   "temperature": [0.8, 0.0]})
-    if kind == "melody":
-        return None, pd.DataFrame({"seed": [vocab["tokens"][2]], "length": [16], "temperature": [MELODY.temperature],
-                                   "top_k": [MELODY.top_k], "random_seed": [0]})
-    if kind == "translation":
-        return None, pd.DataFrame({"text": ["three hundred and forty-two", "seven"]})
-    if kind == "text":
-        return None, pd.DataFrame({"text": ["a gripping, beautifully acted film", "dull and lifeless"]})
-    return None, get_task(info["task"]).data_module.example()
+    task = get_task(info["task"], params)
+    source_example = task.source.example(task.section.data)
+    return None, topology_of(info).input_example(info, source_example)
 
 
 def log_and_register(params: Params, name: str, model_dir: Path, run_id: str, root: Path | None = None) -> str:
@@ -441,7 +432,7 @@ def log_and_register(params: Params, name: str, model_dir: Path, run_id: str, ro
     import mlflow
     from mlflow.models import Model, infer_signature
 
-    inputs, example = _signature_and_example(model_dir)
+    inputs, example = _signature_and_example(model_dir, params)
     package = Path(__file__).resolve().parent
     with tempfile.TemporaryDirectory() as tmp, mlflow_uri(tracking_uri(params, root)):
         weights = Path(tmp) / "model"

@@ -228,11 +228,12 @@ def skip_logged_steps(logger) -> None:
 
 def train(task_name: str, params: Params, *, data_root: Path = DATA_ROOT, models_root: Path = MODELS_ROOT,
           ckpt_root: Path = CKPT_ROOT, track: bool = True, root: Path | None = None, callbacks=()) -> str:
-    task, cfg = get_task(task_name), params.task(task_name)
+    task, cfg = get_task(task_name, params), params.task(task_name)
     data_dir, out_dir, ckpt_dir = data_root / task_name, models_root / task_name, ckpt_root / task_name
     if task_name not in params.tasks:
         raise PipelineError(f"task {task_name!r} is not in params.yaml's task list")
     check_launch(params)  # before anything waits on a rendezvous or touches a file, before torch loads (seconds)
+    task.check_settings()  # a knob its topology ignores: one line, before any file or run is touched
 
     import lightning as L
 
@@ -260,7 +261,7 @@ def train(task_name: str, params: Params, *, data_root: Path = DATA_ROOT, models
                        saved.get("run_id"), saved.get("world_size", trainer.world_size), root, again=True)
     logger = None
     if track and zero:
-        tags = tracking.run_tags(params, task_name, task.topology, root)
+        tags = tracking.run_tags(params, task_name, task.topology_name, root)
         logger = tracking.make_logger(params, task_name, tags, run_id=saved.get("run_id"), root=root)
     if logger is not None:
         trainer.logger = logger
@@ -270,7 +271,7 @@ def train(task_name: str, params: Params, *, data_root: Path = DATA_ROOT, models
         logger.log_hyperparams(tracking.task_params(params, task_name))
         logger.experiment.set_tag(logger.run_id, "world_size", str(trainer.world_size))
         if not saved.get("run_id"):  # a resumed run has its dataset already
-            tracking.log_dataset(logger.experiment, logger.run_id, task_name, data_dir)
+            tracking.log_dataset(logger.experiment, logger.run_id, task_name, data_dir, task.source.describe())
     run_id = logger.run_id if logger is not None else None
     if zero:
         _write_resume(ckpt_dir, {"fingerprint": stamp, "run_id": run_id, "tracking_uri": store})
@@ -300,7 +301,7 @@ def publish(task_name: str, params: Params, model, dm, ckpt_dir: Path, out_dir: 
 
     from pipeline import tracking
 
-    task, cfg = get_task(task_name), params.task(task_name)
+    task, cfg = get_task(task_name, params), params.task(task_name)
     best_path, last_path = ckpt_dir / "best.ckpt", ckpt_dir / "last.ckpt"
     if not best_path.exists() or not last_path.exists():
         raise PipelineError(f"training of {task_name} produced no checkpoint in {ckpt_dir}")
@@ -312,7 +313,8 @@ def publish(task_name: str, params: Params, model, dm, ckpt_dir: Path, out_dir: 
     last = torch.load(last_path, map_location="cpu", weights_only=True)
     score = last["callbacks"][best_key]["best_model_score"]
     best_val, epochs, steps = (float(score) if score is not None else None), last["epoch"] + 1, last["global_step"]
-    info = {"task": task_name, "topology": task.topology, "model_class": task.model,
+    variant = {"variant": task.source.variant} if task.source.variant else {}  # the source's own topology object
+    info = {"task": task_name, "topology": task.topology_name, **variant, "model_class": task.model,
             "hparams": {"vocab": dm.vocab, "dims": dm.dims(), "model": cfg.model.model_dump(),
                         "train": cfg.train.model_dump()},
             "best_val_loss": best_val, "best_epoch": best["epoch"] + 1, "best_global_step": best["global_step"],
@@ -324,5 +326,5 @@ def publish(task_name: str, params: Params, model, dm, ckpt_dir: Path, out_dir: 
     params_count = sum(p.numel() for p in model.parameters())
     val = f"{best_val:.4f} (epoch {best['epoch'] + 1})" if best_val is not None else "n/a"
     done = "already trained, not retrained:" if again else "trained"
-    return (f"{task_name}: {done} {task.topology} ({params_count:,} parameters) for {epochs} epochs, "
+    return (f"{task_name}: {done} {task.topology_name} ({params_count:,} parameters) for {epochs} epochs, "
             f"{steps} steps on {world_size} device(s); best val_loss {val}; wrote {out_dir}/")

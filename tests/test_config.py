@@ -1,16 +1,21 @@
 """params.yaml validation: every problem is one line naming the key and the file."""
 
 import pytest
+import yaml
 
 from pipeline.config import ConfigError, load_params, parse_params
-from pipeline.tasks import REGISTRY, get_task
+from pipeline.sources import builtin_names
+from pipeline.tasks import get_task
 
 
 def test_default_params_file_is_valid_and_complete():
     params = load_params("params.yaml")
-    assert params.tasks == list(REGISTRY)
-    for task in params.tasks:
+    raw = yaml.safe_load(open("params.yaml"))
+    assert sorted(params.tasks) == builtin_names()  # every built-in task runs by default
+    for task in params.tasks:  # each section names its topology and its source
         assert params.task(task).model.hidden_size > 0
+        assert raw[task]["topology"] == params.task(task).topology == get_task(task).topology_name
+        assert raw[task]["data"]["source"] == params.task(task).data.source == task
 
 
 @pytest.mark.parametrize(

@@ -11,22 +11,17 @@ from functools import cache
 import numpy as np
 import pytest
 
-from pipeline.config import (
-    ActivityData,
-    CharLMData,
-    ConfigError,
-    DigitsData,
-    DigitsParams,
-    GestureData,
-    MelodyData,
-    Params,
-    PipelineError,
-    SentimentData,
-    TranslationData,
-)
+from pipeline.config import ConfigError, Params, PipelineError, task_section
 from pipeline.datasets import prepared as prepared_module
+from pipeline.datasets.activity import ActivityData
+from pipeline.datasets.charlm import CharLMData
 from pipeline.datasets.common import natural_sorted, pad, split_indices
+from pipeline.datasets.digits import DigitsData
+from pipeline.datasets.gesture import GestureData
+from pipeline.datasets.melody import MelodyData
 from pipeline.datasets.prepared import SPLITS, load_manifest, load_split, load_vocab, save_prepared
+from pipeline.datasets.sentiment import SentimentData
+from pipeline.datasets.translation import TranslationData
 from pipeline.prepare import prepare, summary
 from pipeline.tasks import get_task
 
@@ -271,7 +266,7 @@ def test_pad_and_natural_sort():
 
 
 def small_params() -> Params:
-    return Params(seed=SEED, digits=DigitsParams(data=DigitsData(max_samples=200)))
+    return Params(seed=SEED, digits=task_section("digits", {"data": {"max_samples": 200}}))
 
 
 def test_prepare_writes_the_contract_and_summarises(tmp_path):

@@ -1,9 +1,11 @@
 """dvc.yaml's deps are the code each stage runs: every module of pipeline/ a stage imports (transitively,
 at the top or inside functions) is a dependency of that stage, so editing it makes `dvc status` list
 the stage. Stages are read through DVC's own parser (foreach resolved for every task); modules are
-followed with `ast`, plus the two imports the task registry makes by name (a task's data module, its
-model's module). `python -m pipeline`'s dispatch (__main__.py) is not counted: it only picks the
-stage's function. Package __init__ files count unless they hold nothing but a docstring."""
+followed with `ast`, plus the imports made by name (a task's source module, its topology's module). A
+source's own code (Source.code_files: its module and the data modules it imports) is the one exception: it
+is hashed into data/sources/<task>.json by the `sources` stage, and prepare@<task> depends on that file.
+`python -m pipeline`'s dispatch (__main__.py) is not counted: it only picks the stage's function. Package
+__init__ files count unless they hold nothing but a docstring."""
 
 from __future__ import annotations
 
@@ -13,7 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.tasks import REGISTRY
+from pipeline.config import load_params
+from pipeline.sources import DATASETS_DIR, builtin_names, resolve
+from pipeline.tasks import get_task
+from pipeline.topologies import TOPOLOGIES
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "pipeline"
@@ -133,21 +138,45 @@ def stages(root: Path = REPO) -> list:
         return [(s.name, s.cmd, [Path(d.fs_path).relative_to(root) for d in s.deps]) for s in repo.index.stages]
 
 
+PARAMS = load_params(REPO / "params.yaml")
+
+
+def topology_file(name: str) -> Path:
+    return REPO.joinpath(*TOPOLOGIES[name].split(".")).with_suffix(".py")
+
+
+def source_files() -> set[Path]:
+    """Every source module: the built-in ones and the files reader (where it exists)."""
+    files = {DATASETS_DIR / f"{name}.py" for name in builtin_names()}
+    return files | ({DATASETS_DIR / "files.py"} if (DATASETS_DIR / "files.py").is_file() else set())
+
+
 def entry_files(cmd: str) -> set[Path]:
-    """What `python -m pipeline <stage> [task]` runs: pipeline/<stage>.py and the modules the task registry
-    imports by name for that stage (prepare: the data module; train/evaluate: the model's module; register:
-    every task's model module, as its pyfunc reloads each model)."""
+    """What `python -m pipeline <stage> [task]` runs: pipeline/<stage>.py and the modules imported by name for
+    that stage (prepare: the task's source module; train/evaluate: its topology's module; register: every
+    topology's and every source's, as it reloads each model and logs its input example; sources: the task's
+    source, whose code it hashes)."""
     args = shlex.split(cmd)
     assert args[:3] == ["python", "-m", "pipeline"], cmd
     stage, task = args[3], (args[4] if len(args) > 4 else None)
     files = {PACKAGE / f"{stage}.py"}
     if stage == "prepare":
-        files.add(PACKAGE / "datasets" / f"{task}.py")
+        files.add(Path(get_task(task, PARAMS).source.module.__file__))
     elif stage in ("train", "evaluate"):
-        files.add(PACKAGE / "models" / f"{REGISTRY[task].model.split(':')[0]}.py")
+        files.add(topology_file(PARAMS.task(task).topology))
     elif stage == "register":
-        files |= {PACKAGE / "models" / f"{t.model.split(':')[0]}.py" for t in REGISTRY.values()}
+        files |= {topology_file(t) for t in TOPOLOGIES} | source_files()
+    elif stage == "sources":
+        files.add(Path(get_task(task, PARAMS).source.module.__file__))
     return files
+
+
+def hashed_by_sources(cmd: str) -> set[Path]:
+    """prepare@<task>'s source code, which data/sources/<task>.json hashes instead of a direct dependency."""
+    args = shlex.split(cmd)
+    if args[3] != "prepare":
+        return set()
+    return set(resolve(PARAMS.task(args[4]).data.source).code_files())
 
 
 def covered(path: Path, deps: list[Path]) -> bool:
@@ -160,15 +189,29 @@ STAGES = stages()
 
 def test_every_stage_is_checked():
     names = {address.split("@")[0] for address, _, _ in STAGES}
-    assert names == {"prepare", "train", "evaluate", "register", "longrange"}
-    assert len(STAGES) == 3 * len(REGISTRY) + 2
+    assert names == {"sources", "prepare", "train", "evaluate", "register", "longrange"}
+    assert len(STAGES) == 4 * len(PARAMS.tasks) + 2
 
 
 @pytest.mark.parametrize("address, cmd, deps", STAGES, ids=[s[0] for s in STAGES])
 def test_deps_hold_every_module_the_stage_imports(address, cmd, deps):
     needed = {f for f in closure(entry_files(cmd)) if not (f.name == "__init__.py" and runs_nothing(f))}
+    needed -= hashed_by_sources(cmd)
     missing = sorted(str(f.relative_to(REPO)) for f in needed if not covered(f, deps))
     assert not missing, f"dvc.yaml stage {address} runs these modules but does not depend on them: {missing}"
+
+
+@pytest.mark.parametrize("task", PARAMS.tasks)
+def test_prepare_depends_on_its_source_through_the_sources_stage(task):
+    """prepare@<task> depends on data/sources/<task>.json, whose hashes cover its source's code (and files);
+    the `sources` stage that writes it depends on every module it hashes."""
+    deps = {address: d for address, _, d in STAGES}
+    assert Path(f"data/sources/{task}.json") in deps[f"prepare@{task}"]
+    source = resolve(PARAMS.task(task).data.source)
+    code = source.code_files()
+    assert Path(source.module.__file__) in code
+    assert set(source.fingerprint()["code"]) == {p.relative_to(REPO).as_posix() for p in code}
+    assert all(covered(f, deps[f"sources@{task}"]) for f in code)
 
 
 def test_the_walk_follows_imports_inside_functions():

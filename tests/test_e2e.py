@@ -6,7 +6,7 @@ this checkout, `.dvc/` included). Every stage runs as DVC runs it: `python -m pi
 from the copy's root, so the copied package is imported (the current directory comes first on sys.path,
 ahead of the editable install), and the MLflow store is the copy's own sqlite:///mlflow.db.
 
-Measured on 2 cores: the first `dvc repro` of all 23 stages takes about 2.5 min (most of it is each
+Measured on 2 cores: the first `dvc repro` of all 30 stages takes about 2.5 min (most of it is each
 process importing torch, Lightning and MLflow), the rest of this module about 1.5 min.
 """
 
@@ -126,7 +126,7 @@ def built(tmp_path_factory):
     proc = sh([str(BIN / "dvc"), "repro"], repo, env, timeout=900)
     TIMES["first dvc repro"] = time.perf_counter() - started
     ran = stages_run(proc.stdout)
-    expected = {f"{stage}@{task}" for stage in ("prepare", "train", "evaluate") for task in TASKS}
+    expected = {f"{stage}@{task}" for stage in ("sources", "prepare", "train", "evaluate") for task in TASKS}
     assert set(ran) == expected | {"register", "longrange"} and len(ran) == len(set(ran)), ran
     yield repo, env
     print("\ne2e timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in TIMES.items()))
@@ -151,7 +151,8 @@ def test_first_repro_builds_every_output(built):
         assert next(iter(metrics)) == about["key_metric"] == get_task(task).key_metric, task  # the key metric first
         for png in ("gate_saturation.png", "gate_heatmaps.png"):
             assert (repo / "figures" / task / png).stat().st_size > 0, (task, png)
-        assert (repo / "plots" / task / "saturation.json").is_file()
+        assert (repo / "plots" / "saturation" / f"{task}.json").is_file()
+        assert (repo / "data" / "sources" / f"{task}.json").is_file()
         receipt = json.loads((repo / "registry" / f"{task}.json").read_text())
         assert receipt["name"] == task and receipt["version"] == 1 and receipt["alias"] == "champion"
     results = json.loads((repo / "longrange" / "results.json").read_text())

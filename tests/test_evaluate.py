@@ -24,8 +24,10 @@ from pipeline import gates
 from pipeline.config import parse_params
 from pipeline.datasets.datamodule import PreparedDataModule
 from pipeline.datasets.prepared import Prepared, load_manifest, save_prepared
+from pipeline.models import evaluation
 from pipeline.models.saved import load_trained
 from pipeline.tasks import get_task
+from pipeline.topologies import get_topology
 
 PRIMES = ("ROMEO:", "First Citizen:\n", "The king")  # what evaluate samples the char LM from
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -72,10 +74,10 @@ def hand_prepared(tmp_path: Path, splits: dict, vocab: dict, batch_size: int = 4
 def test_unigram_nll_by_hand():
     # add-one counts over a vocabulary of 3: token 0 seen twice, 1 once, 2 never -> 3, 2, 1 of 6
     train_ids, test_ids = np.array([0, 0, 1]), np.array([0, 2])
-    assert ev._unigram_nll(train_ids, test_ids, 3) == pytest.approx(-(math.log(3 / 6) + math.log(1 / 6)) / 2)
-    assert ev._unigram_nll(train_ids, np.array([1]), 3) == pytest.approx(math.log(3))
+    assert evaluation.unigram_nll(train_ids, test_ids, 3) == pytest.approx(-(math.log(3 / 6) + math.log(1 / 6)) / 2)
+    assert evaluation.unigram_nll(train_ids, np.array([1]), 3) == pytest.approx(math.log(3))
     # a uniform training text gives the uniform model: ln V nats per token, whatever the test text
-    assert ev._unigram_nll(np.arange(5).repeat(4), np.array([4, 4, 1]), 5) == pytest.approx(math.log(5))
+    assert evaluation.unigram_nll(np.arange(5).repeat(4), np.array([4, 4, 1]), 5) == pytest.approx(math.log(5))
 
 
 def test_classify_metrics_from_fixed_logits(tmp_path, monkeypatch):
@@ -89,9 +91,9 @@ def test_classify_metrics_from_fixed_logits(tmp_path, monkeypatch):
     dm = hand_prepared(tmp_path, splits, {"labels": ["a", "b", "c"]})
     model = OneToOne(vocab=dm.vocab, dims={"input_shape": [2]}, model={"hidden_size": 4}, train={})
     monkeypatch.setattr(model, "forward", lambda x: 10.0 * F.one_hot(x[:, 0].long(), 3).float())
-    monkeypatch.setattr(ev, "BATCH", 4)
+    monkeypatch.setattr(evaluation, "BATCH", 4)
     (tmp_path / "out").mkdir()
-    metrics, baseline = ev.classify(model, dm, "test", tmp_path / "out", tmp_path)
+    metrics, baseline = get_topology("one_to_one").evaluate(model, dm, "test", tmp_path / "out", tmp_path)
     # per class (precision, recall) = a (1/2, 1/2), b (2/3, 1), c (1, 1/2) -> F1 1/2, 4/5, 2/3
     assert metrics["accuracy"] == pytest.approx(4 / 6)
     assert metrics["f1_macro"] == pytest.approx((1 / 2 + 4 / 5 + 2 / 3) / 3)
@@ -116,7 +118,7 @@ def test_per_step_metrics_skip_padding(tmp_path, monkeypatch):
     model = ManyToMany(vocab=dm.vocab, dims={"input_shape": [4, 1]}, model={"hidden_size": 4}, train={})
     monkeypatch.setattr(model, "forward", lambda x, lengths=None: 10.0 * F.one_hot(x[..., 0].long(), 3).float())
     (tmp_path / "out").mkdir()
-    metrics, baseline = ev.label_steps(model, dm, "test", tmp_path / "out", tmp_path)
+    metrics, baseline = get_topology("many_to_many").evaluate(model, dm, "test", tmp_path / "out", tmp_path)
     # real steps: targets b c b a b c, predictions b c c a b b -> F1 a 1, b 2/3, c 1/2
     assert metrics["accuracy"] == pytest.approx(4 / 6)
     assert metrics["f1_macro"] == pytest.approx((1 + 2 / 3 + 1 / 2) / 3)
@@ -148,12 +150,12 @@ def test_translate_exact_match_and_bleu_on_scripted_outputs(trained, tmp_path, m
     dm = PreparedDataModule(trained.data / "translation", 32, seed=0)
     test = dm.split("test")
     n = len(test["src"])
-    monkeypatch.setattr(ev, "BATCH", 7)  # several batches
+    monkeypatch.setattr(evaluation, "BATCH", 7)  # several batches
     for right, expect in ((set(range(n)), 1.0), (set(range(0, n, 3)), len(range(0, n, 3)) / n), (set(), 0.0)):
         samples = tmp_path / f"samples{len(right)}"
         samples.mkdir()
         model = ScriptedTranslator(test, right, wrong=[])
-        metrics, baseline = ev.translate(model, dm, "test", tmp_path, samples)
+        metrics, baseline = get_topology("seq2seq").evaluate(model, dm, "test", tmp_path, samples)
         assert metrics["exact_match"] == pytest.approx(expect)
         rows = read_tsv(samples / "translations.tsv")
         assert rows[0] == ["source", "reference", "model", "match"] and len(rows) == n + 1
@@ -171,10 +173,10 @@ def test_translate_exact_match_and_bleu_on_scripted_outputs(trained, tmp_path, m
 # --- evaluate() on trained tiny models ---------------------------------------------------------------
 
 
-def check_gate_files(plots: Path, samples: Path, model) -> None:
-    figures = plots.parent.parent / "figures" / plots.name
+def check_gate_files(saturation: Path, samples: Path, model) -> None:
+    figures = saturation.parent.parent.parent / "figures" / saturation.stem
     assert is_png(figures / "gate_saturation.png") and is_png(figures / "gate_heatmaps.png")
-    rows = json.loads((plots / "saturation.json").read_text())
+    rows = json.loads(saturation.read_text())
     lstm = model.lstm
     assert len(rows) == len(gates.SATURATION_GATES) * lstm.num_layers * lstm.hidden_size
     assert {r["gate"] for r in rows} == set(gates.SATURATION_GATES)
@@ -202,7 +204,7 @@ def test_evaluate_writes_metrics_plots_and_samples(trained, task, tmp_path):
     assert line.startswith(f"{task}: ") and "\n" not in line
     info = get_task(task)
     result = json.loads((tmp_path / "metrics" / f"{task}.json").read_text())
-    plots, samples = tmp_path / "plots" / task, tmp_path / "samples" / task
+    plots, samples = tmp_path / "plots", tmp_path / "samples" / task
     about = json.loads((samples / "evaluation.json").read_text())
     # the metrics file holds numbers only (what DVC shows and diffs), the key metric first
     numbers = [v for b in (result, result["baseline"]) for v in b.values() if not isinstance(v, dict)]
@@ -210,10 +212,13 @@ def test_evaluate_writes_metrics_plots_and_samples(trained, task, tmp_path):
     assert next(iter(result)) == info.key_metric and result["baseline"]
     assert about["key_metric"] == info.key_metric and about["higher_is_better"] == info.higher_is_better
     assert about["baseline"] and about["trace_reconstruction_error"] < 1e-4
-    assert sorted(p.name for p in plots.iterdir()) == (["confusion.json", "saturation.json"] if task == "digits"
-                                                      else ["saturation.json"])  # data only: pictures in figures/
+    # data only (pictures in figures/), a folder per kind of plot; an empty confusion for a non-classifier
+    assert sorted(p.relative_to(plots).as_posix() for p in plots.rglob("*") if p.is_file()) == [
+        f"confusion/{task}.json", f"saturation/{task}.json"]
+    if task != "digits":
+        assert json.loads((plots / "confusion" / f"{task}.json").read_text()) == []
     model, _ = load_trained(trained.models / task)
-    check_gate_files(plots, samples, model)
+    check_gate_files(plots / "saturation" / f"{task}.json", samples, model)
     dm = PreparedDataModule(trained.data / task, 32, seed=0, block_size=32)
     counts = load_manifest(trained.data / task)["counts"]
 
@@ -227,7 +232,7 @@ def test_evaluate_writes_metrics_plots_and_samples(trained, task, tmp_path):
         majority = np.bincount(train_y).argmax()
         assert result["baseline"]["accuracy"] == pytest.approx((test["y"] == majority).mean(), abs=1e-6)
         assert is_png(tmp_path / "figures" / task / "confusion.png")
-        confusion = json.loads((plots / "confusion.json").read_text())
+        confusion = json.loads((plots / "confusion" / f"{task}.json").read_text())
         labels = dm.vocab["labels"]
         assert [(r["actual"], r["predicted"]) for r in confusion] == [(labels[t], labels[p])
                                                                        for t, p in zip(test["y"], pred)]
@@ -285,4 +290,4 @@ def test_failed_evaluation_keeps_the_previous_one(trained, tmp_path, monkeypatch
         run_evaluate(trained, "digits", tmp_path)
     after = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     assert after == before
-    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["digits"]
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["confusion", "saturation"]

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_dvc_deps import PACKAGE, closure, entry_files, runs_nothing, stages
+from test_dvc_deps import PACKAGE, closure, entry_files, hashed_by_sources, runs_nothing, stages
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -127,7 +127,8 @@ def repo(tmp_path_factory):
                             capture_output=True, text=True, check=True).stdout.split("\0")
     for name in filter(None, listed):
         src = REPO / name
-        if src.is_file() and not src.is_symlink() and not name.startswith(("metrics/", "plots/", "longrange/")):
+        if src.is_file() and not src.is_symlink() and not name.startswith(("metrics/", "plots/", "longrange/",
+                                                                                       "data/sources/")):
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, root / name)
     (root / "dvc.lock").unlink(missing_ok=True)
@@ -135,7 +136,8 @@ def repo(tmp_path_factory):
     subprocess.run(["git", "init", "-q", "-b", "main", str(root)], check=True)
     commit(root, "tiny params")
     ran = stages_run(dvc(root, "repro"))
-    assert set(ran) == {f"{s}@{t}" for s in ("prepare", "train", "evaluate") for t in TASKS} | {"register", "longrange"}
+    assert set(ran) == {f"{s}@{t}" for s in ("sources", "prepare", "train", "evaluate") for t in TASKS} | {
+        "register", "longrange"}
     commit(root, "dvc repro: dvc.lock, metrics and plot data")
     assert subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout == ""
     yield root
@@ -159,8 +161,9 @@ def key_metrics(exp_show: list, name_or_rev: str) -> dict:
 def test_metrics_are_committed_numbers(repo):
     tracked = subprocess.run(["git", "ls-files"], cwd=repo, capture_output=True, text=True).stdout.split()
     for task in TASKS:
-        assert f"metrics/{task}.json" in tracked and f"plots/{task}/saturation.json" in tracked
-    assert {"longrange/metrics.json", "longrange/accuracy.json", "plots/digits/confusion.json"} <= set(tracked)
+        assert f"metrics/{task}.json" in tracked and f"plots/saturation/{task}.json" in tracked
+        assert f"data/sources/{task}.json" in tracked
+    assert {"longrange/metrics.json", "longrange/accuracy.json", "plots/confusion/digits.json"} <= set(tracked)
     assert not any(p.startswith(("models/", "figures/", "samples/", "registry/", "checkpoints/")) for p in tracked)
     shown = dvc_json(repo, "exp", "show")
     for rev in ("workspace", "main"):
@@ -212,7 +215,7 @@ def test_queued_experiments_run_one_task_into_the_project_store(repo):
     # `dvc plots diff` draws both experiments in each plot: the series by core or gate, the revisions by shape/dash
     plots = dvc_json(repo, "plots", "diff", "lr-high", "lr-low")["data"]
     for title, field in (("Long-range memory, test accuracy per gap (LSTM vs vanilla RNN)", "core"),
-                         ("gesture gate saturation", "gate"), ("gesture confusion (test gestures)", None)):
+                         ("plots/saturation/gesture.json", "gate"), ("plots/confusion/gesture.json", None)):
         (plot,) = plots[title]
         assert plot["type"] == "vega" and plot["revisions"] == ["lr-high", "lr-low"], title
         if field is not None:
@@ -289,7 +292,8 @@ def test_editing_a_module_marks_exactly_the_stages_that_run_it(repo):
     assert dvc_json(repo, "status") == {}
     for module in modules:
         rel = module.relative_to(REPO)
-        users = {a for a, (cmd, _) in address.items() if module in closure(entry_files(cmd))}
+        # a data module is prepare's through data/sources/<task>.json (the sources@ stages hash it)
+        users = {a for a, (cmd, _) in address.items() if module in closure(entry_files(cmd)) - hashed_by_sources(cmd)}
         listed = {a for a, (_, deps) in address.items() if rel in deps or any(d in rel.parents for d in deps)}
         assert users <= listed, (rel, users - listed)  # what the test of dvc.yaml checks, in this copy
         target = repo / rel

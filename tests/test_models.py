@@ -210,7 +210,7 @@ def test_output_shapes():
         assert model(b["x"]).shape == (16, 4)
         for make in (many_to_one_tokens, many_to_one_features):
             model, b = make()
-            assert model(ManyToOne.sequence(b), b["lengths"]).shape == (16, len(model.vocab["labels"]))
+            assert model(model.sequence(b), b["lengths"]).shape == (16, len(model.vocab["labels"]))
         model, b = many_to_many()
         assert model(b["x"], b["lengths"]).shape == (8, 10, 3)
         model, b = one_to_many()
@@ -232,7 +232,7 @@ def test_output_shapes():
 def test_many_to_one_reads_each_sequence_at_its_own_end(name):
     model, batch = CASES[name]()
     model.eval()
-    seq, lengths = ManyToOne.sequence(batch), batch["lengths"]
+    seq, lengths = model.sequence(batch), batch["lengths"]
     assert len(set(lengths.tolist())) > 2  # really mixed lengths
     with torch.no_grad():
         padded = model(seq, lengths)

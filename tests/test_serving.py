@@ -53,7 +53,7 @@ def save_model(folder: Path, task: str) -> Path:
     net = info.model_class(**hparams)
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, folder / "weights.safetensors")
-    (folder / "config.json").write_text(json.dumps({"task": task, "topology": info.topology,
+    (folder / "config.json").write_text(json.dumps({"task": task, "topology": info.topology_name,
                                                     "model_class": info.model, "hparams": hparams}))
     return folder
 

@@ -128,7 +128,7 @@ def test_training_run_holds_params_metrics_tags_and_evaluation(store, task):
     assert min(v.value for v in val) == pytest.approx(config["best_val_loss"], rel=1e-6)
 
     tags = run.data.tags
-    assert tags["task"] == task and tags["topology"] == get_task(task).topology
+    assert tags["task"] == task and tags["topology"] == get_task(task).topology_name
     assert tags["dvc_stage"] == f"train@{task}"
     assert re.fullmatch(rf"{task}-20\d{{6}}-\d{{6}}", tags["mlflow.runName"])  # task and start time: runs differ
     assert "dvc_experiment" not in tags  # not run by `dvc exp run`
@@ -209,7 +209,8 @@ def test_a_dvc_experiment_names_and_tags_its_run(store, monkeypatch):
 def test_a_run_logs_only_its_tasks_params(store, task):
     params = client(store).get_run(info(store.models, task)["mlflow_run_id"]).data.params
     section = store.params.task(task).model_dump(mode="json")
-    every = {f"{task}.{group}.{k}" for group, values in section.items() for k in values}
+    every = {f"{task}.{group}.{k}" for group, values in section.items() if isinstance(values, dict) for k in values}
+    every.add(f"{task}.topology")  # and the topology, data.source among the data
     unused = {"digits": {"model.embedding_dim", "model.attention", "model.frame_stride", "model.bidirectional",
                          "train.block_size"},
               "translation": {"model.frame_stride", "train.block_size", "train.augment_shift"},
@@ -229,7 +230,7 @@ def _first_batch(dm, split="train"):
 def test_settings_a_task_does_not_log_change_nothing_in_it(store, task):
     """What task_params leaves out really is unused: changing it gives the same data, weights and loss."""
     from pipeline.datasets.datamodule import PreparedDataModule
-    from pipeline.tasks import OPTIONAL_SETTINGS
+    from pipeline.topologies import OPTIONAL_SETTINGS
 
     spec, cfg = get_task(task), store.params.task(task)
     other = {"model.embedding_dim": 5, "model.attention": not cfg.model.attention, "model.frame_stride": 3,

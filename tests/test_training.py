@@ -17,7 +17,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from pipeline.config import DigitsParams, ModelConfig, Params, PipelineError, TrainConfig, TrainerConfig
+from pipeline.config import Params, PipelineError, TrainerConfig, task_section
 from pipeline.datasets.prepared import Prepared, save_prepared
 from pipeline.models.base import NonFiniteLossError
 from pipeline.train import train
@@ -51,9 +51,9 @@ def write_task(data_root: Path, nan_at: int | None = None) -> Path:
 def make_params(*, lr: float = 0.01, dropout: float = 0.3, epochs: int = EPOCHS, batch: int = BATCH,
                 devices: int = 1, strategy: str = "auto", layers: int = 1, shift: int = 0) -> Params:
     return Params(seed=11, tasks=[TASK], trainer=TrainerConfig(accelerator="cpu", devices=devices, strategy=strategy),
-                  digits=DigitsParams(model=ModelConfig(hidden_size=12, dropout=dropout, num_layers=layers),
-                                      train=TrainConfig(batch_size=batch, max_epochs=epochs, lr=lr,
-                                                        augment_shift=shift)))
+                  digits=task_section("digits", {
+                      "model": {"hidden_size": 12, "dropout": dropout, "num_layers": layers},
+                      "train": {"batch_size": batch, "max_epochs": epochs, "lr": lr, "augment_shift": shift}}))
 
 
 def run(data_root: Path, out: Path, params: Params, callbacks=()) -> str:
@@ -245,7 +245,7 @@ def test_nan_loss_stops_training_and_writes_no_model(tmp_path):
 
 def test_nan_loss_through_the_cli_is_one_error_line(tmp_path):
     write_task(tmp_path / "data" / "prepared", nan_at=5)
-    raw = make_params(dropout=0.0, epochs=1).model_dump(mode="json")
+    raw = make_params(dropout=0.0, epochs=1).model_dump(mode="json", exclude_unset=True)  # only what was set
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PYTHONPATH": str(REPO),
            "OMP_NUM_THREADS": "1"}

@@ -11,18 +11,18 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import CaptionsData, PipelineError, VideoData
+from pipeline.config import PipelineError
 from pipeline.datasets import captions, video
 from pipeline.datasets.prepared import save_prepared
 from pipeline.models.captioner import UNK, ImageCaptioner
 from pipeline.models.encoders import FrameEncoder
 from pipeline.models.frames import FrameLabeller
 from pipeline.models.one_to_many import EOS
+from pipeline.models.vision import caption_inputs, clip_inputs, most_frequent_caption, nearest_captions
 from pipeline.serving_inputs import InputError
-from pipeline.vision import caption_inputs, clip_inputs, most_frequent_caption, nearest_captions
 
-CAPTIONS = CaptionsData(image_size=16)
-VIDEO = VideoData(frames=12, canvas=32, train_clips=40, val_clips=12, test_clips=12)
+CAPTIONS = captions.Data(image_size=16)
+VIDEO = video.Data(frames=12, canvas=32, train_clips=40, val_clips=12, test_clips=12)
 SEED = 5
 
 
@@ -306,21 +306,21 @@ def test_pyfunc_answers_images_and_clips(tmp_path):
     from PIL import Image
 
     from pipeline.pyfunc_model import RNNPyfunc
+    from pipeline.topologies import topology_of
 
     torch.manual_seed(0)
     served = {}
-    for name, data, cls, model_cfg in (
-            ("captions", built_captions(), ImageCaptioner, {"hidden_size": 16, "embedding_dim": 8}),
-            ("video", built_video(), FrameLabeller, {"hidden_size": 16, "embedding_dim": 8})):
+    for name, data, cls, model_cfg, topology in (
+            ("captions", built_captions(), ImageCaptioner, {"hidden_size": 16, "embedding_dim": 8}, "one_to_many"),
+            ("video", built_video(), FrameLabeller, {"hidden_size": 16, "embedding_dim": 8}, "many_to_many")):
         wrapper = RNNPyfunc()
         wrapper.model = cls(data.vocab, {}, model_cfg, {}).eval()
-        wrapper.info = {"topology": "x", "hparams": {"vocab": data.vocab}}
+        wrapper.info = {"task": name, "topology": topology, "variant": captions.VARIANT if name == "captions"
+                        else video.VARIANT, "hparams": {"vocab": data.vocab}}
         wrapper.vocab = data.vocab
-        from pipeline.serving_inputs import kind_of
-
-        wrapper.kind = kind_of(wrapper.info)
+        wrapper.topology = topology_of(wrapper.info)
         served[name] = wrapper
-    assert served["captions"].kind == "caption" and served["video"].kind == "clips"
+    assert served["captions"].topology.key_metric == "bleu" and served["video"].topology.model_class is FrameLabeller
     path = tmp_path / "x.png"
     Image.fromarray(built_captions().splits["test"]["image"][0]).save(path)
     out = served["captions"].predict(None, {"image": [str(path)]})
@@ -367,7 +367,7 @@ def test_prepare_train_evaluate_tiny(tmp_path, monkeypatch):
     assert captions_metrics["bleu"] == pytest.approx(float(BLEUScore(n_gram=2)(hyps, refs)), abs=1e-6)
     assert captions_metrics["baseline"]["bleu_1"] == pytest.approx(float(BLEUScore(n_gram=1)(near, refs)), abs=1e-6)
     video_metrics = json.loads((tmp_path / "metrics" / "video.json").read_text())
-    pairs = json.loads((tmp_path / "plots/video/confusion.json").read_text())
+    pairs = json.loads((tmp_path / "plots/confusion/video.json").read_text())
     assert len(pairs) == 16 * 8
     assert video_metrics["accuracy"] == pytest.approx(np.mean([p["actual"] == p["predicted"] for p in pairs]),
                                                       abs=1e-6)

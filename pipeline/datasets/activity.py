@@ -12,10 +12,27 @@ Channels are normalised with the training clips' mean and std (stored in the voc
 from __future__ import annotations
 
 import numpy as np
+from pydantic import Field
 
-from pipeline.config import ActivityData
+from pipeline.config import DataSection
 from pipeline.datasets.common import require_module, source, split_indices
 from pipeline.datasets.prepared import Prepared
+
+TOPOLOGY = "many_to_many"  # the topology these data feed (pipeline/topologies.py)
+
+
+class ActivityData(DataSection):
+    """aeon's test clips make the test streams; validation comes out of its training clips."""
+
+    source: str = "activity"
+    clips_per_stream: int = Field(4, gt=0)
+    train_streams: int = Field(400, gt=0)
+    val_streams: int = Field(60, gt=0)
+    test_streams: int = Field(60, gt=0)
+    val_fraction: float = Field(0.25, ge=0.0, lt=0.9)  # of aeon's training clips
+
+
+Data = ActivityData  # the `data` section's schema (pipeline.sources)
 
 
 def load(split: str) -> tuple[np.ndarray, np.ndarray]:

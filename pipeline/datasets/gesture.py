@@ -10,10 +10,23 @@ mean and std of the training split (stored in the vocab for predict), then zero-
 from __future__ import annotations
 
 import numpy as np
+from pydantic import Field
 
-from pipeline.config import GestureData
+from pipeline.config import DataSection
 from pipeline.datasets.common import natural_sorted, pad, require_module, source, split_indices
 from pipeline.datasets.prepared import Prepared
+
+TOPOLOGY = "many_to_one"  # the topology these data feed (pipeline/topologies.py)
+
+
+class GestureData(DataSection):
+    """aeon ships a train/test split (its test split is the test set); validation comes out of its training half."""
+
+    source: str = "gesture"
+    val_fraction: float = Field(0.2, ge=0.0, lt=0.9)
+
+
+Data = GestureData  # the `data` section's schema (pipeline.sources)
 
 
 def load(split: str) -> tuple[list[np.ndarray], np.ndarray]:

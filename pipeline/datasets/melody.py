@@ -18,14 +18,31 @@ set of pitch/duration symbols, and a symbol first seen in val/test has no sensib
 from __future__ import annotations
 
 import sys
+from typing import ClassVar
 
 import numpy as np
+from pydantic import Field
 
-from pipeline.config import MelodyData
+from pipeline.batch import SEQUENCE_SPECIALS
+from pipeline.config import SplitData
 from pipeline.datasets.common import pad, require_module, source, split_indices
 from pipeline.datasets.prepared import Prepared
 
-PAD, EOS = "<pad>", "<eos>"
+TOPOLOGY = "one_to_many"  # the topology these data feed (pipeline/topologies.py)
+
+
+class MelodyData(SplitData):
+    inputs: ClassVar[str] = "tokens"
+    source: str = "melody"
+    max_pieces: int = Field(371, gt=0)  # Riemenschneider's 371 Bach chorales: 350 distinct files in music21
+    max_notes: int = Field(64, ge=2)  # seed note + up to max_notes - 1 generated
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+
+
+Data = MelodyData  # the `data` section's schema (pipeline.sources)
+
+PAD, EOS = SEQUENCE_SPECIALS  # ids 0, 1: pipeline.batch.PAD, SEQUENCE_EOS
 PROGRESS_EVERY = 25
 
 

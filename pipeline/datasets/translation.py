@@ -13,54 +13,35 @@ vocabularies come from the training numbers, with <pad> 0, <unk> 1, <bos> 2, <eo
 
 from __future__ import annotations
 
-import re
-from collections.abc import Mapping
+from typing import ClassVar
 
 import numpy as np
+from pydantic import Field
 
-from pipeline.config import TranslationData
+from pipeline.batch import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, TRANSLATION_SPECIALS, UNK_TOKEN
+from pipeline.config import SplitData
 from pipeline.datasets.common import pad, require_module, source, split_indices
 from pipeline.datasets.prepared import Prepared
+from pipeline.text import GLUE_AFTER, GLUE_BEFORE, detokenize, encode_source, encode_target  # noqa: F401
+from pipeline.text import TRANSLATION_TOKEN as TOKEN  # noqa: F401
+from pipeline.text import token_index as _token_index
+from pipeline.text import translation_tokenize as tokenize
 
-PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
-SPECIALS = [PAD, UNK, BOS, EOS]
-TOKEN = re.compile(r"\w+|[^\w\s]")  # words; every hyphen, comma (any punctuation) on its own
-GLUE_BEFORE = set(",.;:!?-")  # no space before these
-GLUE_AFTER = {"-"}  # nor after these
-
-
-def tokenize(text: str) -> list[str]:
-    """ "one thousand, two hundred and forty-two" -> [..., "thousand", ",", ..., "forty", "-", "two"]."""
-    return TOKEN.findall(text.lower())
+TOPOLOGY = "seq2seq"  # the topology these data feed (pipeline/topologies.py)
 
 
-def detokenize(tokens: list[str]) -> str:
-    """Inverse of tokenize for number words: ["quarante", "-", "deux"] -> "quarante-deux"."""
-    out = ""
-    for i, tok in enumerate(tokens):
-        if i and tok not in GLUE_BEFORE and tokens[i - 1] not in GLUE_AFTER:
-            out += " "
-        out += tok
-    return out
+class TranslationData(SplitData):
+    inputs: ClassVar[str] = "tokens"
+    source: str = "translation"
+    max_number: int = Field(9999, gt=10)  # numbers 0..max_number
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
 
 
-def _index(vocab: Mapping, key: str) -> Mapping[str, int]:
-    tokens = vocab.get(key)
-    return {tok: i for i, tok in enumerate(tokens)} if isinstance(tokens, list) else vocab
+Data = TranslationData  # the `data` section's schema (pipeline.sources)
 
-
-def encode_source(text: str, vocab: Mapping) -> list[int]:
-    """English text -> source ids; `vocab` is vocab.json's dict or a ready token -> id map."""
-    index = _index(vocab, "src_tokens")
-    return [index.get(tok, index[UNK]) for tok in tokenize(text)]
-
-
-def encode_target(text: str, vocab: Mapping) -> list[int]:
-    """French text -> <bos> ids <eos>."""
-    index = _index(vocab, "tgt_tokens")
-    return [index[BOS], *(index.get(tok, index[UNK]) for tok in tokenize(text)), index[EOS]]
-
-
+PAD, UNK, BOS, EOS = PAD_TOKEN, UNK_TOKEN, BOS_TOKEN, EOS_TOKEN
+SPECIALS = TRANSLATION_SPECIALS  # ids 0..3: pipeline.batch's PAD, UNK, BOS, EOS
 def build_vocab(texts: list[str]) -> list[str]:
     return SPECIALS + sorted({tok for text in texts for tok in tokenize(text)})
 
@@ -76,7 +57,7 @@ def build(cfg: TranslationData, seed: int) -> Prepared:
         "src_tokens": build_vocab([english[i] for i in parts["train"]]),
         "tgt_tokens": build_vocab([french[i] for i in parts["train"]]),
     }
-    src_index, tgt_index = _index(vocab, "src_tokens"), _index(vocab, "tgt_tokens")
+    src_index, tgt_index = _token_index(vocab, "src_tokens"), _token_index(vocab, "tgt_tokens")
     splits = {}
     for split, idx in parts.items():
         src, src_lengths = pad([encode_source(english[i], src_index) for i in idx])

@@ -22,11 +22,33 @@ frame 1's label (what the digit is starting to do).
 
 from __future__ import annotations
 
-import numpy as np
+from typing import ClassVar
 
-from pipeline.config import VideoData
+import numpy as np
+from pydantic import Field
+
+from pipeline.config import SplitData
 from pipeline.datasets.common import mnist, require_module, source, split_indices
 from pipeline.datasets.prepared import Prepared
+
+TOPOLOGY = "many_to_many"  # the topology these data feed (pipeline/topologies.py)
+VARIANT = "pipeline.models.frames:VIDEO"  # frames in: a frame encoder, clip inputs, the frame strip
+
+
+class VideoData(SplitData):
+    inputs: ClassVar[str] = "images"
+    source: str = "video"
+    frames: int = Field(16, ge=2)  # per clip
+    canvas: int = Field(32, ge=16, le=128)  # pixels per side
+    min_segment: int = Field(4, ge=2)  # frames each action lasts at least
+    train_clips: int = Field(800, gt=0)
+    val_clips: int = Field(100, gt=0)
+    test_clips: int = Field(200, gt=0)
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # of the MNIST digit images, split before clips are made
+    test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+
+
+Data = VideoData  # the `data` section's schema (pipeline.sources)
 
 ACTIONS = ["still", "left", "right", "up", "down", "grow", "shrink"]
 MIN_SIZE, MAX_SIZE, START_SIZES = 8, 24, (10, 16)
@@ -127,8 +149,6 @@ def clips(images: np.ndarray, pool: np.ndarray, count: int, cfg: VideoData, rng:
 def example() -> np.ndarray:
     """Two real clips as predict takes them, (2, 16, 32, 32) uint8: the logged model's input example (a model
     with another canvas resizes the frames: pipeline.vision.clip_inputs)."""
-    from pipeline.config import VideoData
-
     cfg = VideoData()
     images, _ = mnist()
     made = clips(np.asarray(images, dtype=np.uint8).reshape(-1, 28, 28), np.arange(2), 2, cfg,

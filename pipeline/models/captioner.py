@@ -15,12 +15,13 @@ measures the words the decoder has. Decoding is greedy, <pad> and <unk> never ch
 
 from __future__ import annotations
 
+import pandas as pd
 import torch
 from torch import Tensor, nn
 
 from pipeline.models.base import core, masked_cross_entropy
 from pipeline.models.encoders import ImageEncoder
-from pipeline.models.one_to_many import EOS, OneToMany, one_thread
+from pipeline.models.one_to_many import EOS, OneToMany, OneToManyTopology, one_thread
 
 PAD, UNK = 0, 2  # prepared caption vocabularies: 0 <pad>, 1 <eos>, 2 <unk>
 
@@ -92,3 +93,46 @@ class ImageCaptioner(OneToMany):
                 if bool(done.all()):
                     break
         return rows
+
+
+class CaptionsTopology(OneToManyTopology):
+    """one_to_many from an image (the captions source's VARIANT): an image file in, a caption out; BLEU on
+    held-out images against a nearest-neighbour and a most-frequent-caption baseline (pipeline.models.vision)."""
+
+    model_class = ImageCaptioner
+    key_metric, higher_is_better = "bleu", True
+    verbs = frozenset()
+    max_generated = None
+
+    def settings(self, inputs: str) -> frozenset[str]:
+        return frozenset({"model.embedding_dim"})
+
+    def evaluate(self, model, dm, split, plots, samples):
+        from pipeline.models.vision import evaluate_captions
+
+        return evaluate_captions(model, dm, split, plots, samples)
+
+    def input_example(self, info, source_example):
+        return source_example  # two emoji PNGs as base64 text (pipeline.datasets.captions.example)
+
+    def predict(self, pyfunc, model_input):
+        from pipeline.models.vision import caption_inputs, generate_captions
+
+        images = caption_inputs(model_input, pyfunc.vocab["image_shape"])
+        return pd.DataFrame({"caption": pd.Series(generate_captions(pyfunc.model, images) if len(images) else [],
+                                                  dtype=object)})
+
+    def cli_input(self, pyfunc, names, options):
+        from pathlib import Path
+
+        from pipeline.config import PipelineError
+        from pipeline.models import serving
+
+        serving.no_options(pyfunc.info["task"], options)
+        for name in names:
+            if not Path(name).is_file():
+                raise PipelineError(f"{name}: no such file")
+        return pd.DataFrame({"image": [Path(name).read_bytes() for name in names]})
+
+
+CAPTIONS = CaptionsTopology()

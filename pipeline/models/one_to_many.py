@@ -3,20 +3,31 @@
 Trained with teacher forcing (step t sees the true token t and predicts t+1); generation feeds
 the model's own choice back in, one token at a time, until <eos> or a length limit. The char
 LM is the same autoregressive machine over a continuous stream, so it subclasses this one.
+
+Batches: pipeline.batch.GeneratorBatch. Serving: a seed token (column `seed`, e.g. the note "C5|1.0")
+[, length, temperature, top_k, random_seed] -> seed, melody (the tokens joined by spaces).
 """
 
 from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from fractions import Fraction
 from numbers import Integral, Real
+from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import torch
 from torch import Tensor
 
+from pipeline import serving_inputs as inputs
+from pipeline.batch import SEQUENCE_EOS, lengths_mask
+from pipeline.models import evaluation, serving
 from pipeline.models.base import RecurrentModule, core, head, masked_cross_entropy, token_embedding
+from pipeline.topologies import Topology
 
-EOS = 1  # prepared token vocabularies: 0 <pad>, 1 <eos>
+EOS = SEQUENCE_EOS  # prepared token vocabularies: 0 <pad>, 1 <eos>
 
 
 def check_sampling(length: int, temperature: float, top_k: int | None) -> None:
@@ -81,7 +92,7 @@ class OneToMany(RecurrentModule):
         """(inputs, targets, mask): input token t predicts token t+1, up to each <eos>."""
         tokens, lengths = batch["tokens"], batch["lengths"]
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        mask = torch.arange(targets.shape[1], device=tokens.device)[None, :] < (lengths[:, None] - 1)
+        mask = lengths_mask(lengths - 1, targets.shape[1])
         return inputs, targets, mask
 
     def loss_terms(self, batch):
@@ -119,3 +130,111 @@ class OneToMany(RecurrentModule):
         if stop_token is not None:
             rows = [row[: row.index(stop_token)] if stop_token in row else row for row in rows]
         return rows
+
+
+class OneToManyTopology(Topology):
+    name = "one_to_many"
+    model_class = OneToMany
+    key_metric, higher_is_better = "nll", False
+
+    def settings(self, inputs: str) -> frozenset[str]:
+        return frozenset({"model.embedding_dim"})
+
+    def evaluate(self, model, dm, split, plots, samples):
+        """Per-token NLL of the held-out sequences given their seed; generated melodies as MIDI."""
+        nll = evaluation.token_loss(model, dm, split)
+        arrays = {s: dm.split(s) for s in ("train", split)}
+
+        def targets(a):  # what the model predicts: every token after the seed, up to and with <eos>
+            return np.concatenate([row[1:n] for row, n in zip(a["tokens"], a["lengths"])])
+
+        base = evaluation.unigram_nll(targets(arrays["train"]), targets(arrays[split]), len(dm.vocab["tokens"]))
+        _write_melodies(model, dm.vocab["tokens"], arrays[split], samples)
+        return ({"nll": nll, "perplexity": math.exp(nll)},
+                {"name": "unigram notes", "nll": base, "perplexity": math.exp(base)})
+
+    def heatmap_labels(self, batch, vocab):
+        return [vocab["tokens"][i] for i in batch["tokens"][0].tolist()]
+
+    def input_example(self, info, source_example):
+        from pipeline.serving_defaults import MELODY
+
+        vocab = info["hparams"]["vocab"]
+        return pd.DataFrame({"seed": [vocab["tokens"][2]], "length": [16], "temperature": [MELODY.temperature],
+                             "top_k": [MELODY.top_k], "random_seed": [0]})
+
+    def predict(self, pyfunc, model_input):
+        from pipeline.serving_defaults import MAX_NOTES, MELODY
+
+        tokens = pyfunc.vocab["tokens"]
+        index = {tok: i for i, tok in enumerate(tokens) if i >= 2}  # not <pad>, <eos>
+
+        def note(value, where: str) -> str:
+            value = inputs.text(value, where)
+            if value not in index:
+                raise inputs.InputError(f"{where}: unknown seed note {value!r}; a note is pitch|quarter-length "
+                                        f"as in the training melodies, e.g. {tokens[2]!r}")
+            return value
+
+        _, rows = inputs.generations(model_input, prime="seed", seed="random_seed", defaults=MELODY,
+                                     cap=MAX_NOTES, unit="notes", check_prime=note)
+        melodies = []
+        for r in rows:
+            generator = torch.Generator().manual_seed(r.seed) if r.seed is not None else None
+            line = pyfunc.model.generate(torch.tensor([[index[r.prime]]]), r.length, r.temperature, r.top_k,
+                                         generator=generator)[0]
+            melodies.append(" ".join([r.prime] + [tokens[i] for i in line]))
+        return pd.DataFrame({"seed": pd.Series([r.prime for r in rows], dtype=object),
+                             "melody": pd.Series(melodies, dtype=object)})
+
+    def cli_input(self, pyfunc, names, options):
+        from pipeline.serving_defaults import MAX_NOTES
+
+        checked = serving.sampling_options(options, MAX_NOTES)
+        if "seed" in checked:
+            checked["random_seed"] = checked.pop("seed")
+        return pd.DataFrame({"seed": names, **{k: [v] * len(names) for k, v in checked.items()}})
+
+
+def _write_melodies(model, tokens: list[str], arrays: dict, samples: Path, count: int = 4) -> None:
+    """Greedy and sampled continuations of held-out seed notes: MIDI files and a piano roll."""
+    import music21
+    from matplotlib.figure import Figure
+
+    seeds = torch.as_tensor(arrays["tokens"][:count, :1])
+    generator = torch.Generator().manual_seed(0)
+    lines = model.generate(seeds, 48, temperature=0.8, top_k=8, generator=generator)
+    fig = Figure(figsize=(10, 2.2 * count))
+    axes = np.atleast_1d(fig.subplots(count, 1, sharex=True))
+    for k, (seed, line) in enumerate(zip(seeds[:, 0].tolist(), lines)):
+        notes = [tokens[i] for i in [seed, *line] if i > 1]
+        _to_midi(notes, samples / f"melody_{k}.mid")
+        t = 0.0
+        for pitch, dur in map(_note, notes):
+            if pitch != "rest":
+                axes[k].broken_barh([(t, dur)], (music21.pitch.Pitch(pitch).midi - 0.4, 0.8))
+            t += dur
+        axes[k].set_ylabel(f"seed {tokens[seed].split('|')[0]}\nMIDI pitch")
+    axes[-1].set_xlabel("time (quarter notes)")
+    fig.suptitle("generated melodies (temperature 0.8, top-k 8) from held-out seed notes")
+    fig.tight_layout()
+    fig.savefig(samples / "piano_roll.png", dpi=100)
+
+
+def _note(token: str) -> tuple[str, float]:
+    """"C5|1.0" or "rest|1/3" -> (pitch, quarter length)."""
+    pitch, duration = token.split("|")
+    return pitch, float(Fraction(duration))
+
+
+def _to_midi(notes: list[str], path: Path) -> None:
+    import music21
+
+    stream = music21.stream.Stream()
+    for pitch, ql in map(_note, notes):
+        stream.append(music21.note.Rest(quarterLength=ql) if pitch == "rest"
+                      else music21.note.Note(pitch, quarterLength=ql))
+    stream.write("midi", fp=str(path))
+
+
+TOPOLOGY = OneToManyTopology()

@@ -9,18 +9,27 @@ With `bidirectional`, the encoder reads the source both ways; the decoder stays 
 initial state (h0 = tanh(W_h [h_fwd; h_bwd]), c0 = W_c [c_fwd; c_bwd]; Bahdanau et al. 2015
 initialise from the backward state, OpenNMT's `bridge` learns such a layer), and a linear map
 brings the 2 x hidden encoder states to the decoder's width for attention.
+
+Batches: pipeline.batch.Seq2SeqBatch. Serving: texts (column `text`) -> text, translation, unknown_share;
+texts are tokenised as the prepared data were (pipeline.text).
 """
 
 from __future__ import annotations
 
+from collections import Counter
+
+import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline import serving_inputs as inputs
+from pipeline.batch import BOS, EOS, lengths_mask
+from pipeline.models import evaluation, serving
 from pipeline.models.base import RecurrentModule, core, masked_cross_entropy, token_embedding
 from pipeline.models.randomness import SampleDropout
-
-BOS, EOS = 2, 3  # prepared translation vocabularies: <pad>, <unk>, <bos>, <eos>
+from pipeline.topologies import Topology
 
 
 class Seq2Seq(RecurrentModule):
@@ -50,7 +59,7 @@ class Seq2Seq(RecurrentModule):
             state = self.bridge(state)
             if self.bridge_memory is not None:
                 memory = self.bridge_memory(memory)
-        src_mask = torch.arange(src.shape[1], device=src.device)[None, :] < src_lengths[:, None]
+        src_mask = lengths_mask(src_lengths, src.shape[1])
         return memory, state, src_mask
 
     def bridge(self, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -77,7 +86,7 @@ class Seq2Seq(RecurrentModule):
         tgt = batch["tgt"]
         in_lengths = batch["tgt_lengths"] - 1  # <bos> w1 .. wn predicts w1 .. wn <eos>
         logits = self(batch["src"], batch["src_lengths"], tgt[:, :-1], in_lengths)
-        mask = torch.arange(tgt.shape[1] - 1, device=tgt.device)[None, :] < in_lengths[:, None]
+        mask = lengths_mask(in_lengths, tgt.shape[1] - 1)
         return masked_cross_entropy(logits, tgt[:, 1:], mask)
 
     def trace(self, batch):
@@ -134,3 +143,77 @@ class Seq2Seq(RecurrentModule):
             pool = finished or hyps
             results.append(max(pool, key=lambda hs: hs[1])[0])
         return results
+
+
+class Seq2SeqTopology(Topology):
+    name = "seq2seq"
+    model_class = Seq2Seq
+    key_metric = "exact_match"
+
+    def settings(self, inputs: str) -> frozenset[str]:
+        return frozenset({"model.embedding_dim", "model.attention", "model.bidirectional"})
+
+    def evaluate(self, model, dm, split, plots, samples):
+        """Exact match of greedy decodes, and corpus BLEU (torchmetrics) on word tokens."""
+        from torchmetrics.text import BLEUScore
+
+        from pipeline.text import tokenizer, translation_tokenize
+
+        tokenize, detokenize = tokenizer(dm.vocab)
+        src_words, tgt_words = dm.vocab["src_tokens"], dm.vocab["tgt_tokens"]
+        hyps, refs, rows = [], [], []
+        for batch in evaluation.batches(dm, split):
+            for src, n, out_ids, tgt, m in zip(batch["src"], batch["src_lengths"], model.greedy(
+                    batch["src"], batch["src_lengths"]), batch["tgt"], batch["tgt_lengths"]):
+                hyp = detokenize([tgt_words[i] for i in out_ids])
+                ref = detokenize([tgt_words[i] for i in tgt[1 : int(m) - 1].tolist()])
+                hyps.append(hyp)
+                refs.append(ref)
+                rows.append((detokenize([src_words[i] for i in src[: int(n)].tolist()]), ref, hyp))
+        exact = float(np.mean([h == r for h, r in zip(hyps, refs)]))
+        bleu = BLEUScore(n_gram=4)
+        if tokenize is translation_tokenize:  # words: hyphens as words, as tokenized
+            tok = lambda s: " ".join(s.replace("-", " - ").split())  # noqa: E731
+        else:  # BLEU over the tokenizer's own units (characters)
+            tok = lambda s: " ".join(tokenize(s))  # noqa: E731
+        score = float(bleu([tok(h) for h in hyps], [[tok(r)] for r in refs]))
+        lines = ["source\treference\tmodel\tmatch"] + [f"{s}\t{r}\t{h}\t{r == h}" for s, r, h in rows[:200]]
+        (samples / "translations.tsv").write_text("\n".join(lines) + "\n")
+        train = dm.split("train")
+        common = Counter(tuple(row[: int(m)].tolist()) for row, m in zip(train["tgt"], train["tgt_lengths"]))
+        top = detokenize([tgt_words[i] for i in common.most_common(1)[0][0][1:-1]])
+        baseline = {"name": "most frequent training translation",
+                    "exact_match": float(np.mean([r == top for r in refs]))}
+        return {"exact_match": exact, "bleu": score}, baseline
+
+    def input_example(self, info, source_example):
+        if source_example is not None:
+            return source_example
+        return pd.DataFrame({"text": ["three hundred and forty-two", "seven"]})
+
+    def predict(self, pyfunc, model_input):
+        """Empty text -> ""; a text of unknown words only -> translation None (nothing to translate from)."""
+        from pipeline.batch import UNK_TOKEN
+        from pipeline.text import encode_source, tokenizer
+
+        detokenize = tokenizer(pyfunc.vocab)[1]
+        texts = inputs.texts(model_input)
+        unk = pyfunc.vocab["src_tokens"].index(UNK_TOKEN)
+        ids = [encode_source(t, pyfunc.vocab) for t in texts]
+        shares = [serving.unknown_share(s, unk) for s in ids]
+        translations: list[str | None] = ["" if not s else None for s in ids]
+        answer = [i for i, (s, share) in enumerate(zip(ids, shares)) if s and share < 1]
+        if answer:
+            out = pyfunc.model.greedy(*serving.padded([ids[i] for i in answer]))
+            words = pyfunc.vocab["tgt_tokens"]
+            for i, row in zip(answer, out):
+                translations[i] = detokenize([words[t] for t in row])
+        return pd.DataFrame({"text": pd.Series(texts, dtype=object), "translation": pd.Series(translations,
+                             dtype=object), "unknown_share": pd.Series(shares, dtype=np.float64)})
+
+    def cli_input(self, pyfunc, names, options):
+        serving.no_options(pyfunc.info["task"], options)
+        return pd.DataFrame({"text": names})
+
+
+TOPOLOGY = Seq2SeqTopology()

@@ -1,5 +1,6 @@
-"""What the image tasks need beyond their topology: caption evaluation and pictures (captions), the frame
-strip (video), and the input contracts of their served models (an image file in, a clip in).
+"""What the image tasks' topology variants (captioner.CAPTIONS, frames.VIDEO) need: caption evaluation and
+pictures (captions), the frame strip (video), and the input contracts of their served models (an image file in,
+a clip in).
 
 captions evaluation (held-out emojis, never seen in training): corpus BLEU-1/2/4 (torchmetrics, word
 tokens) of greedy captions against the CLDR names, beside two baselines that see no model:
