@@ -78,8 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     predict = sub.add_parser("predict", help=text, description=text, **helpful)
     predict.add_argument("task")
     predict.add_argument("inputs", nargs="+", help="texts (sentiment, translation), primes (charlm), seed notes such "
-                         "as C5|1.0 (melody), or .npy files (digits, gesture, activity), each holding one input "
-                         "or a stack of them")
+                         "as C5|1.0 (melody), image files such as PNG (captions), or .npy files (digits, gesture, "
+                         "activity, video: a clip (T, H, W) 0..255), each holding one input or a stack of them")
     predict.add_argument("--model-uri", default=None, help="the model to use (default: models:/<task>@champion)")
 
     def default(field: str) -> str:

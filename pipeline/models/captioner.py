@@ -1,0 +1,138 @@
+"""one_to_many from an image: a picture in, a sentence out (captions: an emoji -> its CLDR name).
+
+The melody model's decoder (embedding -> GateLSTM -> head over the words), conditioned on an
+image instead of a seed token: a convolutional `ImageEncoder` maps the image to features that set
+the decoder's initial state (h_0, c_0) of every layer and are read again beside every word
+("par-inject"; Show and Tell feeds them once, as the first input). With the initial state alone the
+decoder learned the caption language and ignored the image: every held-out emoji got the same caption.
+The decoder's first input is <eos>, standing for "start of caption" (one symbol for both ends, as
+in NeuralTalk). Training uses teacher forcing: step t reads true word t-1 and predicts word t,
+the last prediction being <eos>; <unk> targets (words too rare to learn) add no loss, so the loss
+measures the words the decoder has. Decoding is greedy, <pad> and <unk> never chosen.
+
+    batch: image (B, H, W, 3) uint8, tokens (B, L) int64 (words, <eos>, <pad>...), lengths (B,) (words + 1)
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from pipeline.models.base import core, masked_cross_entropy
+from pipeline.models.encoders import ImageEncoder
+from pipeline.models.one_to_many import EOS, OneToMany, OneToManyTopology, one_thread
+
+PAD, UNK = 0, 2  # prepared caption vocabularies: 0 <pad>, 1 <eos>, 2 <unk>
+
+
+class ImageCaptioner(OneToMany):
+    """vocab: tokens (the decoder's words), image_shape [H, W, C]; model.hidden_size, num_layers, embedding_dim."""
+
+    def __init__(self, vocab: dict, dims: dict, model: dict, train: dict):
+        super().__init__(vocab, dims, model, train)  # embed, head over vocab["tokens"]
+        height, width, channels = vocab["image_shape"]
+        cfg = self.model_cfg
+        self.encoder = ImageEncoder(channels, height, width, cfg.embedding_dim, mean=vocab.get("pixel_mean"),
+                                    std=vocab.get("pixel_std"))
+        self.lstm = core(2 * cfg.embedding_dim, cfg)  # each step reads [word embedding, image features]
+        self.bridge = nn.Linear(cfg.embedding_dim, 2 * cfg.num_layers * cfg.hidden_size)  # -> (h_0, c_0) per layer
+
+    def encode(self, images: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """(B, H, W, C) pixels -> (image features (B, embedding_dim), (h_0, c_0) each (num_layers, B, hidden))."""
+        cfg = self.model_cfg
+        feats = self.encoder(images.permute(0, 3, 1, 2))
+        h, c = self.bridge(feats).reshape(images.shape[0], 2, cfg.num_layers, cfg.hidden_size).permute(1, 2, 0, 3)
+        return feats, (torch.tanh(h).contiguous(), c.contiguous())
+
+    def steps(self, tokens: Tensor, feats: Tensor) -> Tensor:
+        """The decoder's inputs: each token's embedding beside the image features, (B, T, 2 * embedding_dim)."""
+        return torch.cat([self.embed(tokens), feats[:, None].expand(-1, tokens.shape[1], -1)], -1)
+
+    def forward(self, tokens: Tensor, state=None, lengths: Tensor | None = None, feats: Tensor | None = None):
+        out, state = self.lstm(self.steps(tokens, feats), state, lengths=lengths)
+        return self.head(out), state
+
+    def teacher_forcing(self, batch) -> tuple[Tensor, Tensor, Tensor]:
+        """(inputs, targets, mask): <eos> then words 0..L-2 in; words 0..L-1 (ending in <eos>) out."""
+        tokens, lengths = batch["tokens"], batch["lengths"]
+        start = torch.full_like(tokens[:, :1], EOS)
+        inputs = torch.cat([start, tokens[:, :-1]], 1)
+        mask = torch.arange(tokens.shape[1], device=tokens.device)[None, :] < lengths[:, None]
+        return inputs, tokens, mask
+
+    def loss_terms(self, batch):
+        inputs, targets, mask = self.teacher_forcing(batch)
+        feats, state = self.encode(batch["image"])
+        logits, _ = self(inputs, state, lengths=batch["lengths"], feats=feats)
+        return masked_cross_entropy(logits, targets, mask & (targets != UNK))
+
+    def trace(self, batch):
+        inputs, _, _ = self.teacher_forcing(batch)
+        feats, state = self.encode(batch["image"])
+        return self.lstm(self.steps(inputs, feats), state, lengths=batch["lengths"], return_gates=True)[2]
+
+    @torch.no_grad()
+    def caption(self, images: Tensor, max_words: int = 12) -> list[list[int]]:
+        """Greedy captions of (B, H, W, C) images: each a list of token ids, without <eos>, at most max_words."""
+        with one_thread():
+            feats, state = self.encode(images)
+            token = torch.full((images.shape[0], 1), EOS, dtype=torch.long, device=images.device)
+            rows, done = [[] for _ in range(images.shape[0])], torch.zeros(images.shape[0], dtype=torch.bool)
+            for _ in range(max_words + 1):
+                logits, state = self(token, state, feats=feats)
+                logits = logits[:, -1].clone()
+                logits[:, [PAD, UNK]] = float("-inf")
+                token = logits.argmax(-1, keepdim=True)
+                for i, t in enumerate(token[:, 0].tolist()):
+                    if not done[i]:
+                        if t == EOS:
+                            done[i] = True
+                        elif len(rows[i]) < max_words:
+                            rows[i].append(t)
+                if bool(done.all()):
+                    break
+        return rows
+
+
+class CaptionsTopology(OneToManyTopology):
+    """one_to_many from an image (the captions source's VARIANT): an image file in, a caption out; BLEU on
+    held-out images against a nearest-neighbour and a most-frequent-caption baseline (pipeline.models.vision)."""
+
+    model_class = ImageCaptioner
+    key_metric, higher_is_better = "bleu", True
+    verbs = frozenset()
+    max_generated = None
+
+    def settings(self, inputs: str) -> frozenset[str]:
+        return frozenset({"model.embedding_dim"})
+
+    def evaluate(self, model, dm, split, plots, samples):
+        from pipeline.models.vision import evaluate_captions
+
+        return evaluate_captions(model, dm, split, plots, samples)
+
+    def input_example(self, info, source_example):
+        return source_example  # two emoji PNGs as base64 text (pipeline.datasets.captions.example)
+
+    def predict(self, pyfunc, model_input):
+        from pipeline.models.vision import caption_inputs, generate_captions
+
+        images = caption_inputs(model_input, pyfunc.vocab["image_shape"])
+        return pd.DataFrame({"caption": pd.Series(generate_captions(pyfunc.model, images) if len(images) else [],
+                                                  dtype=object)})
+
+    def cli_input(self, pyfunc, names, options):
+        from pathlib import Path
+
+        from pipeline.config import PipelineError
+        from pipeline.models import serving
+
+        serving.no_options(pyfunc.info["task"], options)
+        for name in names:
+            if not Path(name).is_file():
+                raise PipelineError(f"{name}: no such file")
+        return pd.DataFrame({"image": [Path(name).read_bytes() for name in names]})
+
+
+CAPTIONS = CaptionsTopology()
