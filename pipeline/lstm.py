@@ -272,7 +272,9 @@ def _kernel_gates_available() -> bool:
 
 
 _KERNEL_GATES = _kernel_gates_available()  # set False for the process if a workspace ever fails the layout check
-_CHUNK_BYTES = 16 << 20  # workspace per kernel call: small enough for the allocator to reuse it call after call
+_CHUNK_BYTES = 16 << 20  # workspace bytes per kernel call (about B * 16 * 4H per step): few enough calls that the
+# per-call cost (~0.7 ms) stays small, and under glibc's 32 MiB ceiling for reusing freed heap blocks instead of
+# mapping fresh pages (which torch's THP_MEM_ALLOC_ENABLE=1 allocations get anyway: then each call faults its pages)
 
 
 def _workspace_ld(G: int) -> int:
@@ -296,22 +298,26 @@ def _activate(pre: Tensor) -> Tensor:
 
 
 def _kernel_direction(x: Tensor, h0: Tensor, c0: Tensor, w: list[Tensor], has_bias: bool, reverse: bool,
-                      gates: Tensor, chunk: int, rev: Tensor | None = None):
+                      gates: Tensor, chunk: int, rev: Tensor | None = None, cell: Tensor | None = None,
+                      hidden: Tensor | None = None, real: Tensor | None = None):
     """One direction of one layer through oneDNN's LSTM training kernel (nn.LSTM's CPU float32 kernel), which
     keeps every step's activated gates in its workspace: (T, B, ld) floats from offset 0, in processing order.
 
     x (T, B, I) contiguous, time-major; h0, c0 (B, H); w [w_ih, w_hh, b_ih, b_hh]. The kernel runs `chunk` steps
     per call (the state carried across calls), so each workspace stays small. `gates` (T, B, 4H) receives the
-    gates in input order. rev (T, B): for a reverse direction over sequences of different lengths, x is already
-    reversed within each length (x[p, b] = input[rev[p, b], b]) and runs forwards; rows go back by rev.
-    Returns (hidden (T, B, H) in input order; with rev in processing order, (h, c) after the last call), or
-    None when the workspace does not hold the gates where expected (the caller then recovers them)."""
+    gates in input order. With `cell` and `hidden` (T, B, H) given, each call's steps also get their cells and
+    the self-check while they are still in cache (real (T, B) marks the steps the check counts; None: all).
+    rev (T, B): for a reverse direction over sequences of different lengths, x is already reversed within each
+    length (x[p, b] = input[rev[p, b], b]) and runs forwards; gate rows go back by rev (then pass no cell).
+    Returns (output (T, B, H) in processing order, (h, c) after the last call, self-check error or None), or None
+    when the workspace does not hold the gates where expected (the caller then recovers them)."""
     T, B, _ = x.shape
     G = gates.shape[-1]
     H = G // 4
     ld = _workspace_ld(G)
+    g4 = gates.view(T, B, 4, H)
     starts = list(range(0, T, chunk))
-    outs, h, c = [], h0, c0
+    outs, h, c, c_run, worst, scratch = [], h0, c0, c0.detach(), None if cell is None else 0.0, None
     kernel_reverse = reverse and rev is None
     for n_call, t0 in enumerate(reversed(starts) if kernel_reverse else starts):
         t1 = min(t0 + chunk, T)
@@ -332,34 +338,56 @@ def _kernel_direction(x: Tensor, h0: Tensor, c0: Tensor, w: list[Tensor], has_bi
                     gates[t1 - 1 - s].copy_(src[s])
             else:
                 gates[t0:t1].copy_(src)
+            if cell is not None:
+                hidden[t0:t1].copy_(out)
+                c_run = _scan(g4, cell, c_run, t0, t1, kernel_reverse)
+                if scratch is None:
+                    scratch = cell.new_empty(min(chunk, T), B, H)
+                worst = _worst(worst, _check(g4, cell, hidden, t0, t1, real, scratch))
     if kernel_reverse:
         outs.reverse()
-    return torch.cat(outs) if len(outs) > 1 else outs[0], (h, c)
+    return torch.cat(outs) if len(outs) > 1 else outs[0], (h, c), worst
+
+
+def _scan(gates: Tensor, cell: Tensor, c_prev: Tensor, lo: int, hi: int, reverse: bool) -> Tensor:
+    """cell[lo:hi] by c_t = f_t * c_{t-1} + i_t * g_t from gates (T, B, 4, H), starting from c_prev (the reverse
+    direction runs from step hi - 1 down). Returns the last cell computed."""
+    i, f, candidate, _ = gates[lo:hi].unbind(2)
+    span = cell[lo:hi]
+    torch.mul(i, candidate, out=span)  # i_t * g_t for every step, then in place:
+    for t in (range(hi - lo - 1, -1, -1) if reverse else range(hi - lo)):
+        c_prev = span[t].addcmul_(f[t], c_prev)
+    return c_prev
+
+
+def _check(gates: Tensor, cell: Tensor, hidden: Tensor, lo: int, hi: int, real: Tensor | None,
+           scratch: Tensor | None = None) -> float:
+    """The self-check on steps lo..hi-1: max |o_t * tanh(c_t) - h_t| over real steps (real (T, B); None: all).
+    scratch: a (steps, B, H) buffer to reuse (large fresh temporaries cost page faults on every call)."""
+    worst = 0.0
+    block = 64 if scratch is None else scratch.shape[0]
+    for t0 in range(lo, hi, block):  # in blocks of steps, so the temporaries stay small and in cache
+        span = slice(t0, min(t0 + block, hi))
+        n = span.stop - t0
+        shown = cell[span].mul(2) if scratch is None else torch.mul(cell[span], 2, out=scratch[:n])
+        shown.sigmoid_().mul_(2).sub_(1).mul_(gates[span, :, 3])  # tanh(c) = 2 sigmoid(2c) - 1
+        err = shown.sub_(hidden[span]).abs_()
+        worst = _worst(worst, err if real is None else err[real[span]])
+    return worst
 
 
 def _cells(gates: Tensor, cell: Tensor, c0: Tensor, hidden: Tensor, reverse: bool, real: Tensor | None) -> float:
-    """Fill cell (T, B, H) from gates (T, B, 4, H) in input order by c_t = f_t * c_{t-1} + i_t * g_t (the reverse
-    direction runs from the last step), and return the self-check max |o_t * tanh(c_t) - h_t| over real steps
-    (real (T, B) or None for all). Padded steps of a reverse direction are first made to carry c_0 unchanged
-    (f = 1, i = g = 0) so that each sequence starts from c_0 at its own last step."""
+    """Fill cell (T, B, H) from gates (T, B, 4, H) in input order (the reverse direction runs from the last step)
+    and return the self-check (`_check`). Padded steps of a reverse direction are first made to carry c_0
+    unchanged (f = 1, i = g = 0) so that each sequence starts from c_0 at its own last step."""
     T = gates.shape[0]
     if reverse and real is not None:
         pad = ~real[..., None]
         gates[:, :, 0].masked_fill_(pad, 0.0)
         gates[:, :, 1].masked_fill_(pad, 1.0)
         gates[:, :, 2].masked_fill_(pad, 0.0)
-    i, f, candidate, o = gates.unbind(2)
-    torch.mul(i, candidate, out=cell)
-    c_prev = c0.detach()
-    for t in (range(T - 1, -1, -1) if reverse else range(T)):
-        c_prev = cell[t].addcmul_(f[t], c_prev)
-    worst = 0.0
-    for t0 in range(0, T, 64):  # in blocks of steps, so the temporaries stay small and in cache
-        span = slice(t0, t0 + 64)
-        shown = cell[span].mul(2).sigmoid_().mul_(2).sub_(1).mul_(o[span])  # tanh(c) = 2 sigmoid(2c) - 1
-        err = shown.sub_(hidden[span]).abs_()
-        worst = _worst(worst, err if real is None else err[real[span]])
-    return worst
+    _scan(gates, cell, c0.detach(), 0, T, reverse)
+    return _check(gates, cell, hidden, 0, T, real)
 
 
 def _workspace_holds_gates(src: Tensor, x: Tensor, h0: Tensor, out: Tensor, w: list[Tensor], reverse: bool) -> bool:
@@ -683,18 +711,22 @@ class GateLSTM(_Traced, nn.LSTM):
                         w += [x.new_zeros(G), x.new_zeros(G)]
                     h0, c0 = (prep(s[e]).contiguous() for s in hx)
                     src = inp if not (d and rev is not None) else torch.gather(inp, 0, _time_index(rev, inp))
+                    gathered = d and rev is not None
                     res = _kernel_direction(src, h0, c0, w, self.bias, d == 1, gates[e].view(T, B, G), chunk,
-                                            rev if d else None)
+                                            rev if gathered else None, None if gathered else cell[e], hidden[e],
+                                            real)
                     if res is None:
                         _KERNEL_GATES = False
                         return None
-                    out, (h_last, c_last) = res
-                    if d and rev is not None:
+                    out, (h_last, c_last), err = res
+                    if gathered:
                         out = torch.gather(out, 0, _time_index(rev, out))
                     outs.append(out)
                     with torch.no_grad():
-                        hidden[e].copy_(out)
-                        worst = _worst(worst, _cells(gates[e], cell[e], c0, hidden[e], d == 1, real))
+                        if gathered:
+                            hidden[e].copy_(out)
+                            err = _cells(gates[e], cell[e], c0, hidden[e], True, real)
+                        worst = _worst(worst, err)
                         if lens is not None:
                             at = lens - 1 if d == 0 else torch.zeros_like(lens)
                             h_last, c_last = hidden[e][at, torch.arange(B)], cell[e][at, torch.arange(B)]
