@@ -277,6 +277,23 @@ _CHUNK_BYTES = 16 << 20  # workspace bytes per kernel call (about B * 16 * 4H pe
 # mapping fresh pages (which torch's THP_MEM_ALLOC_ENABLE=1 allocations get anyway: then each call faults its pages)
 
 
+_HEAP_READY_BYTES = 0  # the largest workspace _reuse_heap has prepared for
+
+
+def _reuse_heap(nbytes: int) -> None:
+    """Let workspaces of nbytes be reused from the heap rather than mapped afresh on every kernel call.
+
+    glibc maps blocks above its mmap threshold afresh (every page then faults in zeroed, at each call) and raises
+    that threshold to the size of such a block when one is freed. torch's page-aligned allocations (those of
+    THP_MEM_ALLOC_ENABLE=1) free a block a few bytes smaller than the same request, so equal workspaces never
+    reach the heap. Allocating and freeing one untouched block 1 MiB larger raises the threshold past them (as
+    glibc itself would for unaligned blocks); glibc's ceiling for that is 32 MiB, above our chunks."""
+    global _HEAP_READY_BYTES
+    if nbytes > _HEAP_READY_BYTES:
+        torch.empty(nbytes + (1 << 20), dtype=torch.uint8)  # freed at once: never touched, no page faults
+        _HEAP_READY_BYTES = nbytes
+
+
 def _workspace_ld(G: int) -> int:
     """oneDNN's leading dimension for the gates in an RNN workspace (rnn_utils get_good_ld): rows of G floats
     padded to 64 bytes, plus 64 bytes when that is a multiple of 256 floats (against 4K aliasing)."""
@@ -329,8 +346,10 @@ def _kernel_direction(x: Tensor, h0: Tensor, c0: Tensor, w: list[Tensor], has_bi
             return None
         with torch.no_grad():
             src = ws[: n * B * ld * 4].view(torch.float32).view(n, B, ld)[:, :, :G]
-            if n_call == 0 and not _workspace_holds_gates(src, x[t0:t1], h0, out.detach(), w, kernel_reverse):
-                return None
+            if n_call == 0:
+                if not _workspace_holds_gates(src, x[t0:t1], h0, out.detach(), w, kernel_reverse):
+                    return None
+                _reuse_heap(ws.numel())
             if rev is not None:
                 gates.scatter_(0, _time_index(rev[t0:t1], src), src)
             elif kernel_reverse:
