@@ -316,7 +316,7 @@ def _activate(pre: Tensor) -> Tensor:
 
 def _kernel_direction(x: Tensor, h0: Tensor, c0: Tensor, w: list[Tensor], has_bias: bool, reverse: bool,
                       gates: Tensor, chunk: int, rev: Tensor | None = None, cell: Tensor | None = None,
-                      hidden: Tensor | None = None, real: Tensor | None = None):
+                      hidden: Tensor | None = None, real: Tensor | None = None, output: Tensor | None = None):
     """One direction of one layer through oneDNN's LSTM training kernel (nn.LSTM's CPU float32 kernel), which
     keeps every step's activated gates in its workspace: (T, B, ld) floats from offset 0, in processing order.
 
@@ -326,6 +326,7 @@ def _kernel_direction(x: Tensor, h0: Tensor, c0: Tensor, w: list[Tensor], has_bi
     the self-check while they are still in cache (real (T, B) marks the steps the check counts; None: all).
     rev (T, B): for a reverse direction over sequences of different lengths, x is already reversed within each
     length (x[p, b] = input[rev[p, b], b]) and runs forwards; gate rows go back by rev (then pass no cell).
+    output: a (T, B, H) view to write the output into (without autograd: it saves a concatenation).
     Returns (output (T, B, H) in processing order, (h, c) after the last call, self-check error or None), or None
     when the workspace does not hold the gates where expected (the caller then recovers them)."""
     T, B, _ = x.shape
@@ -341,7 +342,10 @@ def _kernel_direction(x: Tensor, h0: Tensor, c0: Tensor, w: list[Tensor], has_bi
         n = t1 - t0
         out, h, c, ws = torch.mkldnn_rnn_layer(x[t0:t1], *w, h, c, kernel_reverse, [], 2, H, 1, has_bias, False,
                                                False, True)
-        outs.append(out)
+        if output is None:
+            outs.append(out)
+        else:
+            output[t0:t1].copy_(out)
         if ws is None or ws.numel() < n * B * ld * 4:
             return None
         with torch.no_grad():
@@ -363,6 +367,8 @@ def _kernel_direction(x: Tensor, h0: Tensor, c0: Tensor, w: list[Tensor], has_bi
                 if scratch is None:
                     scratch = cell.new_empty(min(chunk, T), B, H)
                 worst = _worst(worst, _check(g4, cell, hidden, t0, t1, real, scratch))
+    if output is not None:
+        return output, (h, c), worst
     if kernel_reverse:
         outs.reverse()
     return torch.cat(outs) if len(outs) > 1 else outs[0], (h, c), worst
@@ -723,6 +729,7 @@ class GateLSTM(_Traced, nn.LSTM):
         with torch.enable_grad():
             for k in range(L):
                 outs = []
+                layer_out = None if graph else x.new_empty(T, B, D * H)  # without a graph: written in place
                 for d in range(D):
                     e = k * D + d
                     w = [prep(t).contiguous() for t in self._direction_weights(k, d)]
@@ -733,13 +740,15 @@ class GateLSTM(_Traced, nn.LSTM):
                     gathered = d and rev is not None
                     res = _kernel_direction(src, h0, c0, w, self.bias, d == 1, gates[e].view(T, B, G), chunk,
                                             rev if gathered else None, None if gathered else cell[e], hidden[e],
-                                            real)
+                                            real, None if gathered or graph else layer_out[..., d * H : (d + 1) * H])
                     if res is None:
                         _KERNEL_GATES = False
                         return None
                     out, (h_last, c_last), err = res
                     if gathered:
                         out = torch.gather(out, 0, _time_index(rev, out))
+                        if not graph:
+                            layer_out[..., d * H : (d + 1) * H] = out
                     outs.append(out)
                     with torch.no_grad():
                         if gathered:
@@ -751,7 +760,7 @@ class GateLSTM(_Traced, nn.LSTM):
                             h_last, c_last = hidden[e][at, torch.arange(B)], cell[e][at, torch.arange(B)]
                     h_n.append(h_last)
                     c_n.append(c_last)
-                out = torch.cat(outs, -1) if D > 1 else outs[0]
+                out = layer_out if not graph else torch.cat(outs, -1) if D > 1 else outs[0]
                 if k < L - 1 and self.dropout > 0 and self.training:
                     out = out.transpose(0, 1) if self.batch_first else out
                     out = self.inter_layer_dropout(out, None, None)
