@@ -264,6 +264,173 @@ def _time_index(idx: Tensor, v: Tensor) -> Tensor:
 
 
 
+# --- the kernel's own gates: oneDNN's training workspace ------------------------------------------------
+
+
+def _kernel_gates_available() -> bool:
+    return hasattr(torch, "mkldnn_rnn_layer") and torch.backends.mkldnn.is_available()
+
+
+_KERNEL_GATES = _kernel_gates_available()  # set False for the process if a workspace ever fails the layout check
+_CHUNK_BYTES = 16 << 20  # workspace bytes per kernel call (about B * 16 * 4H per step): few enough calls that the
+# per-call cost (~0.7 ms) stays small, and under glibc's 32 MiB ceiling for reusing freed heap blocks instead of
+# mapping fresh pages (which torch's THP_MEM_ALLOC_ENABLE=1 allocations get anyway: then each call faults its pages)
+
+
+_HEAP_READY_BYTES = 0  # the largest workspace _reuse_heap has prepared for
+
+
+def _reuse_heap(nbytes: int) -> None:
+    """Let workspaces of nbytes be reused from the heap rather than mapped afresh on every kernel call.
+
+    glibc maps blocks above its mmap threshold afresh (every page then faults in zeroed, at each call) and raises
+    that threshold to the size of such a block when one is freed. torch's page-aligned allocations (those of
+    THP_MEM_ALLOC_ENABLE=1) free a block a few bytes smaller than the same request, so equal workspaces never
+    reach the heap. Allocating and freeing one untouched block 1 MiB larger raises the threshold past them (as
+    glibc itself would for unaligned blocks); glibc's ceiling for that is 32 MiB, above our chunks."""
+    global _HEAP_READY_BYTES
+    if nbytes > _HEAP_READY_BYTES:
+        torch.empty(nbytes + (1 << 20), dtype=torch.uint8)  # freed at once: never touched, no page faults
+        _HEAP_READY_BYTES = nbytes
+
+
+def _workspace_ld(G: int) -> int:
+    """oneDNN's leading dimension for the gates in an RNN workspace (rnn_utils get_good_ld): rows of G floats
+    padded to 64 bytes, plus 64 bytes when that is a multiple of 256 floats (against 4K aliasing)."""
+    ld = -(-G // 16) * 16
+    return ld + 16 if ld % 256 == 0 else ld
+
+
+def _autocast_cpu() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
+
+
+def _activate(pre: Tensor) -> Tensor:
+    """(..., 4H) pre-activations -> gates i, f, g, o (sigmoid, sigmoid, tanh, sigmoid)."""
+    i, f, g, o = pre.chunk(4, dim=-1)
+    return torch.cat([i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()], -1)
+
+
+def _kernel_direction(x: Tensor, h0: Tensor, c0: Tensor, w: list[Tensor], has_bias: bool, reverse: bool,
+                      gates: Tensor, chunk: int, rev: Tensor | None = None, cell: Tensor | None = None,
+                      hidden: Tensor | None = None, real: Tensor | None = None, output: Tensor | None = None):
+    """One direction of one layer through oneDNN's LSTM training kernel (nn.LSTM's CPU float32 kernel), which
+    keeps every step's activated gates in its workspace: (T, B, ld) floats from offset 0, in processing order.
+
+    x (T, B, I) contiguous, time-major; h0, c0 (B, H); w [w_ih, w_hh, b_ih, b_hh]. The kernel runs `chunk` steps
+    per call (the state carried across calls), so each workspace stays small. `gates` (T, B, 4H) receives the
+    gates in input order. With `cell` and `hidden` (T, B, H) given, each call's steps also get their cells and
+    the self-check while they are still in cache (real (T, B) marks the steps the check counts; None: all).
+    rev (T, B): for a reverse direction over sequences of different lengths, x is already reversed within each
+    length (x[p, b] = input[rev[p, b], b]) and runs forwards; gate rows go back by rev (then pass no cell).
+    output: a (T, B, H) view to write the output into (without autograd: it saves a concatenation).
+    Returns (output (T, B, H) in processing order, (h, c) after the last call, self-check error or None), or None
+    when the workspace does not hold the gates where expected (the caller then recovers them)."""
+    T, B, _ = x.shape
+    G = gates.shape[-1]
+    H = G // 4
+    ld = _workspace_ld(G)
+    g4 = gates.view(T, B, 4, H)
+    starts = list(range(0, T, chunk))
+    outs, h, c, c_run, worst, scratch = [], h0, c0, c0.detach(), None if cell is None else 0.0, None
+    kernel_reverse = reverse and rev is None
+    for n_call, t0 in enumerate(reversed(starts) if kernel_reverse else starts):
+        t1 = min(t0 + chunk, T)
+        n = t1 - t0
+        out, h, c, ws = torch.mkldnn_rnn_layer(x[t0:t1], *w, h, c, kernel_reverse, [], 2, H, 1, has_bias, False,
+                                               False, True)
+        if output is None:
+            outs.append(out)
+        else:
+            output[t0:t1].copy_(out)
+        if ws is None or ws.numel() < n * B * ld * 4:
+            return None
+        with torch.no_grad():
+            src = ws[: n * B * ld * 4].view(torch.float32).view(n, B, ld)[:, :, :G]
+            if n_call == 0:
+                if not _workspace_holds_gates(src, x[t0:t1], h0, out.detach(), w, kernel_reverse):
+                    return None
+                _reuse_heap(ws.numel())
+            if rev is not None:
+                gates.scatter_(0, _time_index(rev[t0:t1], src), src)
+            elif kernel_reverse:
+                for s in range(n):
+                    gates[t1 - 1 - s].copy_(src[s])
+            else:
+                gates[t0:t1].copy_(src)
+            if cell is not None:
+                hidden[t0:t1].copy_(out)
+                c_run = _scan(g4, cell, c_run, t0, t1, kernel_reverse)
+                if scratch is None:
+                    scratch = cell.new_empty(min(chunk, T), B, H)
+                worst = _worst(worst, _check(g4, cell, hidden, t0, t1, real, scratch))
+    if output is not None:
+        return output, (h, c), worst
+    if kernel_reverse:
+        outs.reverse()
+    return torch.cat(outs) if len(outs) > 1 else outs[0], (h, c), worst
+
+
+def _scan(gates: Tensor, cell: Tensor, c_prev: Tensor, lo: int, hi: int, reverse: bool) -> Tensor:
+    """cell[lo:hi] by c_t = f_t * c_{t-1} + i_t * g_t from gates (T, B, 4, H), starting from c_prev (the reverse
+    direction runs from step hi - 1 down). Returns the last cell computed."""
+    i, f, candidate, _ = gates[lo:hi].unbind(2)
+    span = cell[lo:hi]
+    torch.mul(i, candidate, out=span)  # i_t * g_t for every step, then in place:
+    for t in (range(hi - lo - 1, -1, -1) if reverse else range(hi - lo)):
+        c_prev = span[t].addcmul_(f[t], c_prev)
+    return c_prev
+
+
+def _check(gates: Tensor, cell: Tensor, hidden: Tensor, lo: int, hi: int, real: Tensor | None,
+           scratch: Tensor | None = None) -> float:
+    """The self-check on steps lo..hi-1: max |o_t * tanh(c_t) - h_t| over real steps (real (T, B); None: all).
+    scratch: a (steps, B, H) buffer to reuse (large fresh temporaries cost page faults on every call)."""
+    worst = 0.0
+    block = 64 if scratch is None else scratch.shape[0]
+    for t0 in range(lo, hi, block):  # in blocks of steps, so the temporaries stay small and in cache
+        span = slice(t0, min(t0 + block, hi))
+        n = span.stop - t0
+        shown = cell[span].mul(2) if scratch is None else torch.mul(cell[span], 2, out=scratch[:n])
+        shown.sigmoid_().mul_(2).sub_(1).mul_(gates[span, :, 3])  # tanh(c) = 2 sigmoid(2c) - 1
+        err = shown.sub_(hidden[span]).abs_()
+        worst = _worst(worst, err if real is None else err[real[span]])
+    return worst
+
+
+def _cells(gates: Tensor, cell: Tensor, c0: Tensor, hidden: Tensor, reverse: bool, real: Tensor | None) -> float:
+    """Fill cell (T, B, H) from gates (T, B, 4, H) in input order (the reverse direction runs from the last step)
+    and return the self-check (`_check`). Padded steps of a reverse direction are first made to carry c_0
+    unchanged (f = 1, i = g = 0) so that each sequence starts from c_0 at its own last step."""
+    T = gates.shape[0]
+    if reverse and real is not None:
+        pad = ~real[..., None]
+        gates[:, :, 0].masked_fill_(pad, 0.0)
+        gates[:, :, 1].masked_fill_(pad, 1.0)
+        gates[:, :, 2].masked_fill_(pad, 0.0)
+    _scan(gates, cell, c0.detach(), 0, T, reverse)
+    return _check(gates, cell, hidden, 0, T, real)
+
+
+def _workspace_holds_gates(src: Tensor, x: Tensor, h0: Tensor, out: Tensor, w: list[Tensor], reverse: bool) -> bool:
+    """The workspace layout check, on a call's first two processed steps (every batch row): the gates read there
+    must be the activations recomputed from x, h_0 and the kernel's h of the first step (to 1e-4)."""
+    n = x.shape[0]
+    steps = [n - 1, n - 2] if reverse else [0, 1]
+    h_prev = [h0, out[steps[0]]]
+    for k, (t, hp) in enumerate(zip(steps, h_prev)):
+        if not 0 <= t < n:
+            break
+        want, got = _activate(x[t] @ w[0].T + hp @ w[1].T + w[2] + w[3]), src[k]
+        # NaN where the input is NaN (padding may hold anything) is a match, NaN against a number is not
+        if bool(((got - want).abs() > 1e-4).any() or (got.isnan() != want.isnan()).any()):
+            return False
+    return True
+
+
 # --- the modules ---------------------------------------------------------------------------------
 
 
@@ -361,6 +528,10 @@ class _Traced:
     def _fused(self, inp, batch_sizes, hx, weights):
         raise NotImplementedError
 
+    def _kernel_pass(self, input, hx, lengths, is_batched):
+        """The traced forward straight from the kernel's own gates, where the kernel keeps them; None otherwise."""
+        return None
+
     def _layer_by_layer(self, data, batch_sizes, hx, sorted_indices=None):
         """One fused call per layer (both directions in one call): (output data, final state, layer ios)."""
         D = 2 if self.bidirectional else 1
@@ -380,6 +551,10 @@ class _Traced:
         x = input if lengths is None else self._pack_lengths(input, lengths)
         layered = return_gates or self._custom_dropout()
         data, batch_sizes, sorted_hx, hx3, is_batched = self._prepare(x, hx, need_state=layered)
+        if return_gates:
+            fast = self._kernel_pass(input, hx3, lengths, is_batched)
+            if fast is not None:
+                return fast
         trace = None
         if not layered:
             output, state = super().forward(x, hx)  # exactly nn.LSTM / nn.RNN, after our checks
@@ -508,6 +683,105 @@ class GateLSTM(_Traced, nn.LSTM):
             out, h, c = _VF.lstm(inp, batch_sizes, hx, weights, self.bias, 1, 0.0, self.training,
                                  self.bidirectional)
         return out, (h, c)
+
+    def _kernel_traceable(self, input, hx, lengths) -> bool:
+        """Whether oneDNN's training kernel can run this traced forward and hand over its gates: float32 on CPU
+        with oneDNN on, no projections (nn.LSTM then has no oneDNN path either), a padded or dense input (not a
+        PackedSequence), outside torch.compile and autocast; with lengths= only without a graph and without
+        inter-layer dropout (the recovery path draws that on packed data, as the untraced pass does)."""
+        if not (_KERNEL_GATES and torch.backends.mkldnn.enabled) or self.proj_size or isinstance(input, PackedSequence):
+            return False
+        tensors = [input, *hx, *self._flat_weights]
+        if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors) or not input.numel():
+            return False
+        if torch.compiler.is_compiling() or _autocast_cpu():
+            return False
+        return lengths is None or not (torch.is_grad_enabled() or (self.training and self.dropout > 0
+                                                                   and self.num_layers > 1))
+
+    def _kernel_pass(self, input, hx, lengths, is_batched):
+        """Every layer and direction through oneDNN's LSTM training kernel (nn.LSTM's own CPU kernel), which keeps
+        each step's activated gates in its workspace: the trace reads them from there (no second matrix product),
+        the cell follows from the elementwise recurrence, and o_t * tanh(c_t) == h_t checks both. Returns
+        (output, (h_n, c_n), GateTrace) as `_run`, or None where the kernel does not apply (`_kernel_traceable`)
+        or its workspace fails the layout check (then `_trace` recovers the gates by one matrix product)."""
+        global _KERNEL_GATES
+        if not self._kernel_traceable(input, hx, lengths):
+            return None
+        dense = input if is_batched else input.unsqueeze(0 if self.batch_first else 1)
+        x = dense.transpose(0, 1) if self.batch_first else dense
+        T, B = x.shape[:2]
+        D, H, L = 2 if self.bidirectional else 1, self.hidden_size, self.num_layers
+        G = 4 * H
+        lens = None if lengths is None else torch.as_tensor(lengths).cpu()
+        if lens is not None and bool((lens == T).all()):
+            lens = None  # every sequence is full length: the dense pass
+        real = None if lens is None else torch.arange(T)[:, None] < lens[None, :]  # (T, B)
+        rev = None if lens is None or D == 1 else _reverse_index(lens, T)
+        graph = torch.is_grad_enabled()  # the workspace exists only in grad mode: without a graph, run detached
+        prep = (lambda t: t) if graph else (lambda t: t.detach())
+        chunk = max(1, min(T, _CHUNK_BYTES // (B * G * 16)))
+        gates = x.new_empty(L * D, T, B, 4, H)
+        cell = x.new_empty(L * D, T, B, H)
+        hidden = x.new_empty(L * D, T, B, H)
+        h_n, c_n, worst = [], [], 0.0
+        inp = prep(x).contiguous()
+        with torch.enable_grad():
+            for k in range(L):
+                outs = []
+                layer_out = None if graph else x.new_empty(T, B, D * H)  # without a graph: written in place
+                for d in range(D):
+                    e = k * D + d
+                    w = [prep(t).contiguous() for t in self._direction_weights(k, d)]
+                    if not self.bias:
+                        w += [x.new_zeros(G), x.new_zeros(G)]
+                    h0, c0 = (prep(s[e]).contiguous() for s in hx)
+                    src = inp if not (d and rev is not None) else torch.gather(inp, 0, _time_index(rev, inp))
+                    gathered = d and rev is not None
+                    res = _kernel_direction(src, h0, c0, w, self.bias, d == 1, gates[e].view(T, B, G), chunk,
+                                            rev if gathered else None, None if gathered else cell[e], hidden[e],
+                                            real, None if gathered or graph else layer_out[..., d * H : (d + 1) * H])
+                    if res is None:
+                        _KERNEL_GATES = False
+                        return None
+                    out, (h_last, c_last), err = res
+                    if gathered:
+                        out = torch.gather(out, 0, _time_index(rev, out))
+                        if not graph:
+                            layer_out[..., d * H : (d + 1) * H] = out
+                    outs.append(out)
+                    with torch.no_grad():
+                        if gathered:
+                            hidden[e].copy_(out)
+                            err = _cells(gates[e], cell[e], c0, hidden[e], True, real)
+                        worst = _worst(worst, err)
+                        if lens is not None:
+                            at = lens - 1 if d == 0 else torch.zeros_like(lens)
+                            h_last, c_last = hidden[e][at, torch.arange(B)], cell[e][at, torch.arange(B)]
+                    h_n.append(h_last)
+                    c_n.append(c_last)
+                out = layer_out if not graph else torch.cat(outs, -1) if D > 1 else outs[0]
+                if k < L - 1 and self.dropout > 0 and self.training:
+                    out = out.transpose(0, 1) if self.batch_first else out
+                    out = self.inter_layer_dropout(out, None, None)
+                    out = out.transpose(0, 1) if self.batch_first else out
+                inp = out.contiguous()
+        if not graph:
+            out = out.detach()
+        if real is not None:
+            out = out.masked_fill(~real[..., None], 0.0)  # as pad_packed_sequence pads
+        output = out.transpose(0, 1) if self.batch_first else out
+        state = (torch.stack(h_n), torch.stack(c_n))
+        if not is_batched:
+            output = output.squeeze(0 if self.batch_first else 1)
+            state = tuple(s.squeeze(1) for s in state)
+        views = [v.transpose(1, 2) for v in (gates, cell, hidden)]
+        views = [views[0][..., j, :] for j in range(4)] + views[1:]
+        mask = torch.ones(B, T, dtype=torch.bool) if real is None else real.T.contiguous()
+        if real is not None:
+            for v in views:
+                v.masked_fill_(~mask[None, :, :, None], float("nan"))
+        return output, state, GateTrace(*views, mask=mask, reconstruction_error=worst, num_directions=D)
 
     def _recover(self, x, h, state, w, real, order):
         w_ih, w_hh = w[:2]
