@@ -46,11 +46,11 @@ def _parser() -> argparse.ArgumentParser:
     explore.add_argument("task")
     given = explore.add_mutually_exclusive_group()
     given.add_argument("--text", default=None, help="your input: text (charlm, sentiment, translation) or notes "
-                       "such as 'C5|1.0 D5|0.5' (melody)")
+                       "such as 'C5|1.0 D5|0.5' (melody) (default: none, the stage's held-out samples)")
     given.add_argument("--file", nargs="+", default=None, help="your input: .npy files as `predict` takes them "
-                       "(digits, gesture, activity)")
+                       "(digits, gesture, activity) (default: none, the stage's held-out samples)")
     given.add_argument("--index", nargs="+", type=int, default=None, help="held-out samples by index (charlm: "
-                       "a character offset into the held-out text)")
+                       "a character offset into the held-out text) (default: the stage's choice)")
     explore.add_argument("--out", default=None, help="where the page goes (default: explorer/<task>.html with no "
                          "input given, else explore-<task>.html)")
     text = "data/sources/<task>.json: the hashes of a task's files and reader code (prepare's dependency)"

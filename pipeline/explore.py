@@ -154,6 +154,7 @@ class Explorer:
 
     kind = "tokens"
     takes_text = False  # --text (else --file) besides --index
+    layer_note = ""  # which recurrent core the page shows, when the model has more than one
 
     def accepts(self, model) -> list[str]:
         return ["--text" if self.takes_text else "--file", "--index"]
@@ -541,7 +542,7 @@ class ManyToManyExplorer(Explorer):
 
 
 class Seq2SeqExplorer(Explorer):
-    takes_text = True
+    takes_text, layer_note = True, ", decoder"
 
     def vocab(self, model):
         return list(model.vocab["tgt_tokens"])
@@ -869,7 +870,7 @@ def build_page(task: str, topology: str, model, explorer: Explorer, arrays: dict
     hp = model.model_cfg
     facts = {"hidden_size": hp.hidden_size, "num_layers": hp.num_layers,
              "directions": 2 if len(units) > hp.hidden_size else 1,
-             "layer_shown": f"top layer ({hp.num_layers - 1})" + (", decoder" if topology == "seq2seq" else "")}
+             "layer_shown": f"top layer ({hp.num_layers - 1}){explorer.layer_note}"}
     return Page(task=task, topology=topology, kind=page_kind(explorer, model), units=units, samples=samples,
                 vocab=explorer.vocab(model), channel_names=explorer.channel_names(model), about={**facts,
                                                                                                **(about or {})})

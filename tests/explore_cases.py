@@ -81,4 +81,7 @@ def cases() -> dict[str, tuple]:
     out["digits"] = ("one_to_one", OneToOne({"labels": [str(d) for d in range(10)]}, {"input_shape": [28, 28]},
                                             {"hidden_size": 8}, {}),
                      {"x": rng.random((30, 28, 28)).astype(np.float32), "y": np.repeat(np.arange(10), 3)})
+    x = rng.integers(0, 2, (24, 8)).astype(np.float32)  # a table's rows (README's parity task): strips, not images
+    out["parity"] = ("one_to_one", OneToOne({"labels": ["even", "odd"]}, {"input_shape": [8]}, {"hidden_size": 8}, {}),
+                     {"x": x, "y": (x.sum(1) % 2).astype(np.int64)})
     return {name: (topology, model.eval(), split) for name, (topology, model, split) in out.items()}

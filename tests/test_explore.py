@@ -18,7 +18,7 @@ from pipeline.topologies import get_topology
 
 CASES = cases()
 KINDS = {"charlm": "text", "melody": "tokens", "sentiment": "tokens", "gesture": "series", "translation": "tokens",
-         "activity": "series", "digits": "images"}
+         "activity": "series", "digits": "images", "parity": "images"}
 
 
 def _page(name: str):

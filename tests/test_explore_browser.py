@@ -40,7 +40,8 @@ def browser():
         yield driver
 
 
-@pytest.mark.parametrize("name", ["charlm", "melody", "sentiment", "gesture", "translation", "activity", "digits"])
+@pytest.mark.parametrize("name", ["charlm", "melody", "sentiment", "gesture", "translation", "activity", "digits",
+                                  "parity"])
 def test_page_renders_and_answers_hover_and_selection(name, pages, browser):
     seen = exercise(browser, pages[name], hover_step=1, select=(0, 2), fragment="unit=1")
     assert seen["ready"], f"the page did not start: {seen.get('console')}"
@@ -51,7 +52,7 @@ def test_page_renders_and_answers_hover_and_selection(name, pages, browser):
     shown = [float(v) for v in re.findall(r"(-?\d+\.\d{3})", seen["hover_gates"])]
     expected = [ex.decode(header, blob, 0, c)[1, 1] for c in ex.CHANNELS]
     assert len(shown) == 5 and np.allclose(shown, expected, atol=0.0005 + 1e-6), (shown, expected)
-    if name in ("charlm", "melody", "translation", "activity", "digits"):  # models that predict at every step
+    if name in ("charlm", "melody", "translation", "activity", "digits", "parity"):  # models that predict at every step
         assert re.search(r"top", seen["hover_top"]) and re.search(r"0\.\d{3}", seen["hover_top"])
     assert seen["selection"].startswith("steps 0–2 (3)")
     assert seen["sort"] == "match" and seen["selected_steps"] == 3
