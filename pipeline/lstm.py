@@ -330,8 +330,9 @@ def _kernel_direction(x: Tensor, h0: Tensor, c0: Tensor, w: list[Tensor], has_bi
     rev (T, B): for a reverse direction over sequences of different lengths, x is already reversed within each
     length (x[p, b] = input[rev[p, b], b]) and runs forwards; gate rows go back by rev (then pass no cell).
     output: a (T, B, H) view to write the output into (without autograd: it saves a concatenation).
-    Returns (output (T, B, H) in processing order, (h, c) after the last call, self-check error or None), or None
-    when the workspace does not hold the gates where expected (the caller then recovers them)."""
+    Returns (output (T, B, H) in input order (with rev: processing order), (h, c) after the last call, self-check
+    error or None), or None when the workspace does not hold the gates where expected (the caller then recovers
+    them)."""
     T, B, _ = x.shape
     G = gates.shape[-1]
     H = G // 4
