@@ -11,11 +11,14 @@ The LSTM walk-through, one step (gate order i, f, g, o, as in `nn.LSTM`):
 
 `reference_step` is that walk-through, line by line. `GateLSTM` never runs it in training: it
 is an `nn.LSTM` (a subclass: same constructor, parameters, checks and fused kernel) whose
-forward can also return a `GateTrace`. Only when gates are asked for does it run the layers one
-fused call at a time, so each layer's input (after inter-layer dropout) is known, and recover
-the gates exactly from what the kernel returned: every h_t is known, so all pre-activations of
-a layer are one batched matrix product over all steps; the cell is a cheap elementwise
-recurrence; and o_t * tanh(c_t) must give back h_t, a free self-check.
+forward can also return a `GateTrace`. When gates are asked for, on CPU in float32 (where
+nn.LSTM runs oneDNN's LSTM kernel) each layer and direction runs through that kernel's training
+form, `torch.mkldnn_rnn_layer(..., train=True)`, whose workspace holds every step's activated
+gates: the trace copies them out (`_kernel_direction`), a few steps per call. Elsewhere it runs
+the layers one fused call at a time, so each layer's input (after inter-layer dropout) is known,
+and recovers the gates exactly from what the kernel returned: every h_t is known, so all
+pre-activations of a layer are one batched matrix product over all steps. In both, the cell is
+a cheap elementwise recurrence, and o_t * tanh(c_t) must give back h_t, a free self-check.
 
 `VanillaRNN` is the same over `nn.RNN` (tanh or relu): its trace holds `hidden` only, and its
 self-check is act(W_ih x_t + W_hh h_{t-1} + b) == h_t.
@@ -327,8 +330,9 @@ def _kernel_direction(x: Tensor, h0: Tensor, c0: Tensor, w: list[Tensor], has_bi
     rev (T, B): for a reverse direction over sequences of different lengths, x is already reversed within each
     length (x[p, b] = input[rev[p, b], b]) and runs forwards; gate rows go back by rev (then pass no cell).
     output: a (T, B, H) view to write the output into (without autograd: it saves a concatenation).
-    Returns (output (T, B, H) in processing order, (h, c) after the last call, self-check error or None), or None
-    when the workspace does not hold the gates where expected (the caller then recovers them)."""
+    Returns (output (T, B, H) in input order (with rev: processing order), (h, c) after the last call, self-check
+    error or None), or None when the workspace does not hold the gates where expected (the caller then recovers
+    them)."""
     T, B, _ = x.shape
     G = gates.shape[-1]
     H = G // 4
