@@ -39,6 +39,7 @@ def tiny(task_files: dict[str, str]) -> dict:
                               "train": {"batch_size": 16, "max_epochs": 1, "block_size": 32, "lr": 0.01}}
     return {"seed": 5, "tasks": list(task_files),
             "trainer": {"accelerator": "cpu", "devices": 1},
+            "tracking": {"uri": "sqlite:///mlflow.db", "artifact_location": "mlruns", "experiment": "rnn-pipeline"},
             "longrange": {"gaps": [5], "vocab_size": 4, "train_samples": 64, "test_samples": 32, "hidden_size": 8,
                           "batch_size": 32, "max_epochs": 1, "lr": 0.01},
             **{task: section(source) for task, source in task_files.items()}}
