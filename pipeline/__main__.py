@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     text = "generate text from a registered char LM"
     sample = sub.add_parser("sample", help=text, description=text, **helpful)
     sample.add_argument("--model-uri", default="models:/charlm@champion", help="a registered char LM")
-    sample.add_argument("--prime", default=None, help="the text to start from (known characters only; default: "
+    sample.add_argument("--prime", default=None, help="the text to start from, known characters only (default: "
                         f"{CHARLM.prime!r} where the model knows its characters, else its text's first letter)")
     sample.add_argument("--length", type=int, default=CHARLM.length, help=f"characters to generate, 0..{MAX_CHARS}")
     sample.add_argument("--temperature", type=float, default=CHARLM.temperature,
