@@ -43,7 +43,9 @@ def summary(task: str, manifest: dict) -> str:
     if sizes := manifest.get("vocab_sizes"):
         parts.append("vocab " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
     src = manifest.get("source", {})
-    if src:
-        parts.append(f"from {src.get('package')} {src.get('version')}")
+    if src.get("package"):  # a built-in source: the package that ships the data
+        parts.append(f"from {src['package']} {src.get('version', '')}".rstrip())
+    elif src.get("path"):  # the user's file or folder, as params.yaml names it
+        parts.append(f"from {src['path']} ({src.get('format', 'file')})")
     parts.append(f"sha256 {manifest.get('content_sha256', '')[:12]}")
     return "; ".join(parts)

