@@ -345,11 +345,9 @@ class MelodyExplorer(Explorer):
 
     def samples(self, model, arrays):
         batch = _tensors(arrays)
-        inputs, _, _ = model.teacher_forcing(batch)
-        lengths = (batch["lengths"] - 1).clamp(min=1)
         with torch.no_grad():
             trace = model.trace(batch)
-            logits, _ = model(inputs, lengths=lengths)
+            inputs, lengths, targets, logits = model.step_predictions(batch)  # the model's own conditioning
         gates, units = top_layer(trace)
         ids, p = topk(logits)
         names = self.vocab(model)
@@ -357,10 +355,10 @@ class MelodyExplorer(Explorer):
         for b, n in enumerate(lengths.tolist()):
             toks = [names[i] for i in inputs[b, :n].tolist()]
             out.append(Sample(
-                title=f"melody {b}: {n} notes", labels=[t.split("|")[0] for t in toks],
+                title=f"sequence {b}: {n} steps", labels=[t.split("|")[0] for t in toks],
                 sub=[t.split("|")[1] if "|" in t else "" for t in toks],
                 gates={c: v[b, :n] for c, v in gates.items()}, top_ids=ids[b, :n], top_p=p[b, :n],
-                actual=[names[i] for i in batch["tokens"][b, 1 : n + 1].tolist()],
+                actual=[names[i] for i in targets[b, :n].tolist()],
                 probes={"position": _position(n), "pitch_midi": np.array([_midi(t.split("|")[0]) for t in toks]),
                         "duration_quarters": np.array([_duration(t) for t in toks])}))
         return out, units
@@ -439,8 +437,25 @@ class ManyToOneExplorer(Explorer):
         return None if self.is_text(model) else _channel_names(model)
 
 
+FRAME_CHANNELS = ["brightness (mean pixel, 0-255)", "x centre (px)", "y centre (px)"]
+
+
+def _frame_summary(frames: np.ndarray) -> np.ndarray:
+    """(n, H, W) frames -> (n, 3): each frame's mean brightness and the column and row of its centre of mass,
+    the series a page draws for a clip (a moving object's path; its brightness grows with its size)."""
+    f = np.asarray(frames, dtype=np.float64)
+    mass = f.sum((1, 2))
+    safe = np.where(mass > 0, mass, 1.0)
+    cx = (f.sum(1) * np.arange(f.shape[2])).sum(1) / safe
+    cy = (f.sum(2) * np.arange(f.shape[1])).sum(1) / safe
+    return np.stack([f.mean((1, 2)), cx, cy], 1)
+
+
 def _channel_names(model) -> list[str]:
-    """The input's channel names: the vocabulary's "features" (column names of a user's table) or "channel k"."""
+    """The input's channel names: the vocabulary's "features" (column names of a user's table), a clip's frame
+    summary (FRAME_CHANNELS) or "channel k"."""
+    if "frame_shape" in model.vocab:  # steps are frames (H, W): the page draws their summary
+        return list(FRAME_CHANNELS)
     names = model.vocab.get("features")
     C = model.dims["input_shape"][-1]
     return list(names) if isinstance(names, list) and len(names) == C else [f"channel {c}" for c in range(C)]
@@ -532,7 +547,10 @@ class ManyToManyExplorer(Explorer):
             since = np.arange(n) - change[np.searchsorted(change, np.arange(n), side="right") - 1]
             probes = {"position": _position(n), "steps_since_label_change": since.astype(np.float64),
                       **(_class_probes(labels, y, n) if known else {})}
-            out.append(Sample(title=title, labels=step_labels, values=batch["x"][b, :n].numpy(),
+            values = batch["x"][b, :n].numpy()
+            if values.ndim == 3:  # frames (n, H, W): the series of their brightness and centre
+                values = _frame_summary(values)
+            out.append(Sample(title=title, labels=step_labels, values=values,
                               gates={c: v[b, :n] for c, v in gates.items()}, top_ids=ids[b, :n], top_p=p[b, :n],
                               actual=step_labels, probes=probes))
         return out, units

@@ -374,3 +374,24 @@ def test_prepare_train_evaluate_tiny(tmp_path, monkeypatch):
     for picture in ("captions/captions.png", "video/action_strip.png", "video/confusion.png",
                     "captions/gate_heatmaps.png", "video/gate_saturation.png"):
         assert imread(tmp_path / "figures" / picture).ndim == 3
+    # the gate explorer reads both models with their own conditioning (the image; the frames' summary)
+    from pipeline.explore import explore
+
+    for task in ("captions", "video"):
+        explore(task, params, **roots, pages_root=tmp_path / "explorer", probes_root=tmp_path / "probes",
+                track=False, root=tmp_path)
+        page = (tmp_path / "explorer" / f"{task}.html").read_text()
+        assert page.startswith("<!DOCTYPE html>") and "http://" not in page.split("<script")[0]
+        probes = json.loads((tmp_path / "probes" / f"{task}.json").read_text())["probe"]
+        assert all(-1.0 <= p["corr"] <= 1.0 for p in probes.values()) and "position" in probes
+
+
+def test_frame_summary_follows_the_object():
+    from pipeline.explore import _frame_summary
+
+    frames = np.zeros((3, 8, 8), np.uint8)
+    frames[0, 2, 3] = frames[1, 2, 4] = 255  # one bright pixel, moved one column right
+    frames[2, 1:3, 4:6] = 255  # grown to 2 x 2
+    s = _frame_summary(frames)
+    assert s[:, 1].tolist() == [3.0, 4.0, 4.5] and s[:, 2].tolist() == [2.0, 2.0, 1.5]
+    assert s[2, 0] == pytest.approx(4 * s[1, 0]) and s[1, 0] == pytest.approx(255 / 64)

@@ -72,6 +72,13 @@ class ImageCaptioner(OneToMany):
         feats, state = self.encode(batch["image"])
         return self.lstm(self.steps(inputs, feats), state, lengths=batch["lengths"], return_gates=True)[2]
 
+    def step_predictions(self, batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """As OneToMany.step_predictions, conditioned on the batch's images (every word is a step)."""
+        inputs, targets, _ = self.teacher_forcing(batch)
+        feats, state = self.encode(batch["image"])
+        logits, _ = self(inputs, state, lengths=batch["lengths"], feats=feats)
+        return inputs, batch["lengths"], targets, logits
+
     @torch.no_grad()
     def caption(self, images: Tensor, max_words: int = 12) -> list[list[int]]:
         """Greedy captions of (B, H, W, C) images: each a list of token ids, without <eos>, at most max_words."""

@@ -104,6 +104,14 @@ class OneToMany(RecurrentModule):
         inputs, _, _ = self.teacher_forcing(batch)
         return self.lstm(self.embed(inputs), lengths=(batch["lengths"] - 1).clamp(min=1), return_gates=True)[2]
 
+    def step_predictions(self, batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Teacher forcing over a batch, step by step as `trace` reads it: (inputs (B, T) the token ids read,
+        lengths (B,) the real steps per row, targets (B, T) the token each step should predict, logits (B, T, V))."""
+        inputs, targets, _ = self.teacher_forcing(batch)
+        lengths = (batch["lengths"] - 1).clamp(min=1)
+        logits, _ = self(inputs, lengths=lengths)
+        return inputs, lengths, targets, logits
+
     @torch.no_grad()
     def generate(self, prime: Tensor, length: int, temperature: float = 1.0, top_k: int | None = None,
                  stop_token: int | None = EOS, generator: torch.Generator | None = None) -> list[list[int]]:
