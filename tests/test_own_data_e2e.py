@@ -81,7 +81,7 @@ def cli(work: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
-def test_own_files_prepare_train_evaluate_register_and_serve(work):
+def test_own_files_prepare_train_evaluate_register_and_serve(work, monkeypatch):
     for task in TASKS:
         for stage in ("prepare", "train", "evaluate"):
             cli(work, stage, task)
@@ -98,7 +98,9 @@ def test_own_files_prepare_train_evaluate_register_and_serve(work):
     import mlflow
     import pandas as pd
 
-    mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
+    # set_tracking_uri also exports MLFLOW_TRACKING_URI: restore both, or later tests read this store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
+    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
     reviews = mlflow.pyfunc.load_model("models:/reviews@champion").predict(
         pd.DataFrame({"text": ["a lovely film", "a boring film"]}))
     assert set(reviews["label"]) <= {"1", "5"}

@@ -30,6 +30,7 @@ def test_project_root_from_subfolders_and_dvc_temp_workspaces(tmp_path, monkeypa
         (workspace / "pipeline").mkdir()
         assert tracking.workspace_root(workspace / "pipeline") == workspace
         assert tracking.project_root(workspace / "pipeline") == root
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the store comes from the project, not the env
     monkeypatch.chdir(root / ".dvc" / "tmp" / "exps" / "tmp4k2x")
     params = parse_params({"seed": 1})
     assert tracking.tracking_uri(params) == f"sqlite:///{root / 'mlflow.db'}"
