@@ -490,15 +490,9 @@ def _series_files(model, files: list[str]) -> dict[str, np.ndarray]:
 
 
 def _load_npy(name: str) -> np.ndarray:
-    path = Path(name)
-    if path.suffix != ".npy":
-        raise PipelineError(f"--file takes .npy files; got {name!r}")
-    if not path.is_file():
-        raise PipelineError(f"{name}: no such file")
-    try:
-        return np.load(path, allow_pickle=False)
-    except Exception as err:  # noqa: BLE001  (any unreadable file is the user's to fix)
-        raise PipelineError(f"{name}: not a readable .npy array ({str(err).splitlines()[0]})") from None
+    from pipeline.models.serving import load_npy
+
+    return load_npy(name, f"--file takes .npy files; got {name!r}")
 
 
 # many_to_many (activity) -----------------------------------------------------------------------------------------

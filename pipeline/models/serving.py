@@ -54,23 +54,26 @@ def normalised_series(pyfunc, model_input) -> tuple[torch.Tensor, torch.Tensor]:
 
 def npy_files(names: list[str], task: str) -> list[tuple[str, np.ndarray]]:
     """(name, array) of each .npy file named on the command line; PipelineError for anything else."""
+    return [(name, load_npy(name, f"{task} takes .npy files (one input or several stacked); got {name!r}"))
+            for name in names]
+
+
+def load_npy(name: str, wrong_suffix: str) -> np.ndarray:
+    """The array in the .npy file `name` (no pickles); PipelineError `wrong_suffix` for a file of another suffix,
+    a one-line PipelineError for a missing or unreadable one."""
     from pathlib import Path
 
     from pipeline.config import PipelineError, first_line
 
-    rows = []
-    for name in names:
-        path = Path(name)
-        if path.suffix != ".npy":
-            raise PipelineError(f"{task} takes .npy files (one input or several stacked); got {name!r}")
-        if not path.is_file():
-            raise PipelineError(f"{name}: no such file")
-        try:
-            x = np.load(path, allow_pickle=False)
-        except Exception as err:
-            raise PipelineError(f"{name}: not a readable .npy array ({first_line(err)})") from None
-        rows.append((name, x))
-    return rows
+    path = Path(name)
+    if path.suffix != ".npy":
+        raise PipelineError(wrong_suffix)
+    if not path.is_file():
+        raise PipelineError(f"{name}: no such file")
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as err:  # noqa: BLE001  (any unreadable file is the user's to fix)
+        raise PipelineError(f"{name}: not a readable .npy array ({first_line(err)})") from None
 
 
 def series_rows(pyfunc, task: str, names: list[str]) -> list:
