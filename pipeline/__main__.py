@@ -39,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="stage", required=True, metavar="stage")
     for stage, text in (("prepare", "build data/prepared/<task>/ from its source (a package or your files)"),
                         ("train", "train a task's model into models/<task>/"),
-                        ("evaluate", "metrics/<task>.json and plots/<task>/ from the held-out split")):
+                        ("evaluate", "metrics/<task>.json, plot data, figures and samples from the held-out "
+                         "split, then explorer/<task>.html and probes/<task>.json")):
         sub.add_parser(stage, help=text, description=text, **helpful).add_argument("task")
     text = "write a task's offline gate explorer page (and its probe numbers), or one for your own input"
     explore = sub.add_parser("explore", help=text, description=text, **helpful)
@@ -118,9 +119,9 @@ def main(argv: list[str] | None = None) -> int:
 
             print(train(args.task, params))
         elif args.stage == "evaluate":
-            from pipeline.evaluate import evaluate
+            from pipeline.evaluate import stage
 
-            print(evaluate(args.task, params))
+            print(stage(args.task, params))
         elif args.stage == "explore":
             from pipeline.explore import explore
 

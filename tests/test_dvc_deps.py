@@ -162,7 +162,7 @@ def entry_files(cmd: str) -> set[Path]:
     files = {PACKAGE / f"{stage}.py"}
     if stage == "prepare":
         files.add(Path(get_task(task, PARAMS).source.module.__file__))
-    elif stage in ("train", "evaluate", "explore"):
+    elif stage in ("train", "evaluate"):
         files.add(topology_file(PARAMS.task(task).topology))
     elif stage == "register":
         files |= {topology_file(t) for t in TOPOLOGIES} | source_files()
@@ -189,8 +189,8 @@ STAGES = stages()
 
 def test_every_stage_is_checked():
     names = {address.split("@")[0] for address, _, _ in STAGES}
-    assert names == {"sources", "prepare", "train", "evaluate", "explore", "register", "longrange"}
-    assert len(STAGES) == 5 * len(PARAMS.tasks) + 2
+    assert names == {"sources", "prepare", "train", "evaluate", "register", "longrange"}
+    assert len(STAGES) == 4 * len(PARAMS.tasks) + 2
 
 
 @pytest.mark.parametrize("address, cmd, deps", STAGES, ids=[s[0] for s in STAGES])

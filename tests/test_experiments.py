@@ -188,8 +188,8 @@ def test_queued_experiments_run_one_task_into_the_project_store(repo):
         pytest.fail(f"the queue did not finish: {status}")
     assert status.count("Success") == 2, status
     for name in ("lr-high", "lr-low"):
-        assert sorted(stages_run(dvc(repo, "queue", "logs", name))) == ["evaluate@gesture", "explore@gesture",
-                                                                        "register", "train@gesture"], name
+        assert sorted(stages_run(dvc(repo, "queue", "logs", name))) == ["evaluate@gesture", "register",
+                                                                        "train@gesture"], name
 
     new = [r for r in runs(repo) if r.info.run_id not in before]
     assert sorted(r.data.tags.get("dvc_experiment") for r in new) == ["lr-high", "lr-low"]
@@ -225,7 +225,7 @@ def test_queued_experiments_run_one_task_into_the_project_store(repo):
 
 def test_workspace_experiment_shows_and_diffs(repo):
     out = dvc(repo, "exp", "run", "-n", "five-epochs", "-S", "gesture.train.max_epochs=5")
-    assert sorted(stages_run(out)) == ["evaluate@gesture", "explore@gesture", "register", "train@gesture"], \
+    assert sorted(stages_run(out)) == ["evaluate@gesture", "register", "train@gesture"], \
         out[-3000:]
     shown = dvc_json(repo, "exp", "show")
     for rev in ("workspace", "main", "five-epochs"):
@@ -264,7 +264,7 @@ def test_a_copy_writes_only_into_itself(repo, tmp_path):
     shutil.copytree(repo, copy, symlinks=True)
     before = files_of(repo)
     out = dvc(copy, "exp", "run", "-n", "in-the-copy", "-S", "gesture.train.lr=0.02")
-    assert sorted(stages_run(out)) == ["evaluate@gesture", "explore@gesture", "register", "train@gesture"], \
+    assert sorted(stages_run(out)) == ["evaluate@gesture", "register", "train@gesture"], \
         out[-3000:]
     assert files_of(repo) == before  # not one file added or touched under the original
     run = [r for r in runs(copy) if r.data.tags.get("dvc_experiment") == "in-the-copy"]

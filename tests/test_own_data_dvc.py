@@ -107,5 +107,5 @@ def test_editing_one_file_reruns_only_its_task(repo):
     out = sh([str(BIN / "dvc"), "repro"], root, env, timeout=900).stdout
     ran = stages_run(out)
     assert [s for s in ran if not s.startswith("sources@")] == ["prepare@poems", "train@poems", "evaluate@poems",
-                                                                "explore@poems", "register"], out[-3000:]
+                                                                "register"], out[-3000:]
     assert dvc_status(root, env) == {}
