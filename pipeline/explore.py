@@ -68,6 +68,7 @@ class Sample:
 
     gates: channel -> (T, U) float32 (cell raw, not tanh); labels: T display strings (text: characters;
     tokens: words or notes; series, images: the step's label or ""); sub: optional second line per step;
+    picture: an image the whole sequence is conditioned on (a caption's picture), (H, W, 3) uint8 RGB;
     values: series (N, C) float or images (T, H, W) in [0, 1]; per_step: samples of `values` per step (series);
     top_ids/top_p: (T, k) predicted tokens (next token, or the step's class) and probabilities; actual: the true
     token each step's prediction is scored against ("" unknown); probes: name -> (T,) float (NaN: undefined)."""
@@ -82,6 +83,7 @@ class Sample:
     top_p: np.ndarray | None = None
     actual: list[str] | None = None
     probes: dict[str, np.ndarray] = field(default_factory=dict)
+    picture: np.ndarray | None = None  # what the sequence is conditioned on, shown beside it: (H, W, 3) uint8 RGB
 
     @property
     def steps(self) -> int:
@@ -361,6 +363,59 @@ class MelodyExplorer(Explorer):
                 actual=[names[i] for i in targets[b, :n].tolist()],
                 probes={"position": _position(n), "pitch_midi": np.array([_midi(t.split("|")[0]) for t in toks]),
                         "duration_quarters": np.array([_duration(t) for t in toks])}))
+        return out, units
+
+
+class CaptionsExplorer(MelodyExplorer):
+    """one_to_many from an image (captions): the words of each held-out caption as the decoder reads them under
+    teacher forcing (<eos> first: "start of caption"), its picture beside them, and the model's own caption
+    (as `predict` writes it) in the title. Probes: position, and whether the step predicts the caption's last
+    word."""
+
+    takes_text = False
+
+    def user_input(self, model, split, text, files, index):
+        """--file: PNG/JPEG files as `predict` takes them; each page sample is the decoder reading back the caption
+        the model writes for the picture (there is no true caption to read)."""
+        if text is not None:
+            raise PipelineError("--text: the captions model reads images: give PNG/JPEG files with --file, "
+                                "or held-out images with --index")
+        if not files:
+            return super().user_input(model, split, text, files, index)
+        from pipeline.models.vision import caption_inputs, generate_captions
+        from pipeline.serving_inputs import InputError
+
+        try:
+            images = caption_inputs({"image": list(files)}, model.vocab["image_shape"])
+        except InputError as err:
+            raise PipelineError(f"--file: {err}") from None
+        lookup = {w: i for i, w in enumerate(self.vocab(model))}
+        rows = [[lookup[w] for w in said.split()] + [SEQUENCE_EOS] for said in generate_captions(model, images)]
+        tokens = np.zeros((len(rows), max(map(len, rows))), dtype=np.int64)
+        for b, row in enumerate(rows):
+            tokens[b, : len(row)] = row
+        return {"image": images, "tokens": tokens, "lengths": np.array([len(r) for r in rows])}
+
+    def samples(self, model, arrays):
+        from pipeline.models.vision import generate_captions  # the captions `predict` and evaluation write
+
+        batch = _tensors(arrays)
+        with torch.no_grad():
+            trace = model.trace(batch)
+            inputs, lengths, targets, logits = model.step_predictions(batch)  # conditioned on each picture
+            said = generate_captions(model, arrays["image"])
+        gates, units = top_layer(trace)
+        ids, p = topk(logits)
+        names = self.vocab(model)
+        out = []
+        for b, n in enumerate(lengths.tolist()):
+            truth = [names[i] for i in targets[b, :n - 1].tolist()]
+            out.append(Sample(
+                title=f"image {b}: \"{' '.join(truth)}\" · the model says \"{said[b]}\"",
+                labels=[names[i] for i in inputs[b, :n].tolist()], picture=arrays["image"][b],
+                gates={c: v[b, :n] for c, v in gates.items()}, top_ids=ids[b, :n], top_p=p[b, :n],
+                actual=[names[i] for i in targets[b, :n].tolist()],
+                probes={"position": _position(n), "last_word": (np.arange(n) == n - 2).astype(float)}))
         return out, units
 
 
@@ -809,6 +864,8 @@ def page_data(page: Page) -> tuple[dict, bytes]:
         if s.top_ids is not None:
             entry["top_ids"] = blob.add(s.top_ids.astype(np.uint16))
             entry["top_p"] = blob.add(np.clip(np.rint(s.top_p * 255), 0, 255).astype(np.uint8))
+        if s.picture is not None:
+            entry["picture"] = blob.add(np.ascontiguousarray(s.picture, dtype=np.uint8))
         if s.values is not None:
             if page.kind == "series":
                 v = s.values.reshape(len(s.values), -1).astype(np.float64)

@@ -80,6 +80,7 @@
       });
       box.appendChild(frag);
     } else if (H.kind === "tokens") {
+      if (smp.picture) box.appendChild(picture(smp.picture));
       smp.labels.forEach((w, t) => {
         const el = document.createElement("span");
         el.className = "step";
@@ -108,6 +109,18 @@
       drawSeries(smp, box);
     }
     colourSteps();
+  }
+
+  // the image a sequence is conditioned on (a caption's picture): RGB bytes, drawn pixel for pixel, scaled by CSS
+  function picture(ref) {
+    const [h, w] = ref.shape, q = view(ref), c = document.createElement("canvas");
+    c.width = w; c.height = h; c.className = "picture";
+    const ctx = c.getContext("2d"), img = ctx.createImageData(w, h);
+    for (let i = 0; i < w * h; i++) {
+      img.data[4 * i] = q[3 * i]; img.data[4 * i + 1] = q[3 * i + 1]; img.data[4 * i + 2] = q[3 * i + 2]; img.data[4 * i + 3] = 255;
+    }
+    ctx.putImageData(img, 0, 0);
+    return c;
   }
 
   function drawSeries(smp, box) {

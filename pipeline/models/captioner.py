@@ -108,6 +108,7 @@ class CaptionsTopology(OneToManyTopology):
 
     model_class = ImageCaptioner
     key_metric, higher_is_better = "bleu", True
+    explorer = "pipeline.explore:CaptionsExplorer"  # the caption's words beside its picture
     verbs = frozenset()
     max_generated = None
 
