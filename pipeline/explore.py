@@ -409,9 +409,12 @@ class CaptionsExplorer(MelodyExplorer):
         names = self.vocab(model)
         out = []
         for b, n in enumerate(lengths.tolist()):
-            truth = [names[i] for i in targets[b, :n - 1].tolist()]
+            if "words" in arrays and "words" in model.vocab:  # the true caption in full (<unk> words too)
+                truth = " ".join(model.vocab["words"][j] for j in arrays["words"][b].tolist() if j)
+            else:  # the user's image: the caption read back is the model's own
+                truth = " ".join(names[i] for i in targets[b, : n - 1].tolist())
             out.append(Sample(
-                title=f"image {b}: \"{' '.join(truth)}\" · the model says \"{said[b]}\"",
+                title=f"image {b}: \"{truth}\" · the model says \"{said[b]}\"",
                 labels=[names[i] for i in inputs[b, :n].tolist()], picture=arrays["image"][b],
                 gates={c: v[b, :n] for c, v in gates.items()}, top_ids=ids[b, :n], top_p=p[b, :n],
                 actual=[names[i] for i in targets[b, :n].tolist()],
