@@ -384,6 +384,31 @@ def test_prepare_train_evaluate_tiny(tmp_path, monkeypatch):
         assert page.startswith("<!DOCTYPE html>") and "http://" not in page.split("<script")[0]
         probes = json.loads((tmp_path / "probes" / f"{task}.json").read_text())["probe"]
         assert all(-1.0 <= p["corr"] <= 1.0 for p in probes.values()) and "position" in probes
+    # the captions page carries each picture as it went in, and the caption `predict` writes for it
+    from PIL import Image
+
+    from pipeline.datasets.prepared import load_split
+    from pipeline.explore import decode, read_page
+    from pipeline.models.saved import load_trained
+    from pipeline.models.vision import generate_captions
+
+    header, blob = read_page(tmp_path / "explorer" / "captions.html")
+    test_images = load_split(tmp_path / "data" / "captions", "test")["image"]
+    model, _ = load_trained(tmp_path / "models" / "captions")
+    said = generate_captions(model, test_images[: len(header["samples"])])
+    for b, sample in enumerate(header["samples"]):
+        assert np.array_equal(decode(header, blob, b, "picture"), test_images[b])
+        assert sample["title"].endswith(f'the model says "{said[b]}"')
+    # your own picture (--file): the decoder reads back the caption the model writes for it
+    Image.fromarray(test_images[1]).save(tmp_path / "mine.png")
+    explore("captions", params, files=[str(tmp_path / "mine.png")], out=tmp_path / "mine.html", **roots,
+            track=False, root=tmp_path)
+    header, _ = read_page(tmp_path / "mine.html")
+    assert header["samples"][0]["labels"] == ["<eos>", *said[1].split()]
+    with pytest.raises(PipelineError, match="--file: row 0"):
+        explore("captions", params, files=[str(tmp_path / "metrics" / "captions.json")], out=tmp_path / "bad.html",
+                **roots, track=False, root=tmp_path)
+    assert not (tmp_path / "bad.html").exists()
 
 
 def test_frame_summary_follows_the_object():
