@@ -14,11 +14,14 @@ is an `nn.LSTM` (a subclass: same constructor, parameters, checks and fused kern
 forward can also return a `GateTrace`. When gates are asked for, on CPU in float32 (where
 nn.LSTM runs oneDNN's LSTM kernel) each layer and direction runs through that kernel's training
 form, `torch.mkldnn_rnn_layer(..., train=True)`, whose workspace holds every step's activated
-gates: the trace copies them out (`_kernel_direction`), a few steps per call. Elsewhere it runs
-the layers one fused call at a time, so each layer's input (after inter-layer dropout) is known,
-and recovers the gates exactly from what the kernel returned: every h_t is known, so all
-pre-activations of a layer are one batched matrix product over all steps. In both, the cell is
-a cheap elementwise recurrence, and o_t * tanh(c_t) must give back h_t, a free self-check.
+gates and cell: with one layer and direction the trace is views into that workspace (one call
+over the whole sequence, nothing copied), otherwise each call's rows are copied out
+(`_kernel_direction`, a few steps per call). Elsewhere it runs the layers one fused call at a
+time, so each layer's input (after inter-layer dropout) is known, and recovers the gates exactly
+from what the kernel returned: every h_t is known, so all pre-activations of a layer are one
+batched matrix product over all steps, and the cell is a cheap elementwise recurrence. In both,
+o_t * tanh(c_t) must give back h_t: a self-check (on the kernel's path it runs when
+`reconstruction_error` is first read).
 
 `VanillaRNN` is the same over `nn.RNN` (tanh or relu): its trace holds `hidden` only, and its
 self-check is act(W_ih x_t + W_hh h_{t-1} + b) == h_t.
@@ -302,7 +305,7 @@ _VERIFIED: set[tuple] = set()  # kernel configurations whose workspace has passe
 _TRACE_VIEWS = True  # one layer and direction without a graph: the trace is views into the workspace (tests turn
 # it off to run that case the copying way too)
 _CHUNK_BYTES = 16 << 20  # workspace bytes per kernel call where the trace is copied out (about B * 16 * 4H per
-# step): few enough calls that the per-call cost (~0.7 ms) stays small, and under glibc's 32 MiB ceiling for reusing
+# step): few enough calls that the per-call cost (~0.2 ms) stays small, and under glibc's 32 MiB ceiling for reusing
 # freed heap blocks instead of mapping fresh pages (which torch's THP_MEM_ALLOC_ENABLE=1 allocations get anyway:
 # then each call faults its pages)
 
@@ -361,11 +364,12 @@ def _buffers(like: Tensor, **shapes: tuple[int, ...]) -> dict[str, Tensor]:
     Only the last call's buffers are pooled, and only up to _POOL_BYTES in all."""
     global _POOL
     old, _POOL = _POOL, {}  # a concurrent call finds an empty pool and makes its own
+    inference = torch.is_inference_mode_enabled()  # an inference tensor cannot be written outside inference mode
     made = {}
     for role, shape in shapes.items():
         buffer = old.get(role)
-        made[role] = buffer if buffer is not None and buffer.shape == shape and _unshared(buffer) else \
-            like.new_empty(shape)
+        fits = buffer is not None and buffer.shape == shape and buffer.is_inference() == inference
+        made[role] = buffer if fits and _unshared(buffer) else like.new_empty(shape)
     if sum(b.numel() for b in made.values()) * 4 <= _POOL_BYTES:
         _POOL = dict(made)
     return made

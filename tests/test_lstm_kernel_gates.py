@@ -270,6 +270,23 @@ def test_copied_traces_reuse_buffers_only_when_dropped(kernel_calls, monkeypatch
         assert_trace_close(trace2, expected[0][2], atol=0)
 
 
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_kernel_gates_in_inference_mode_then_outside(kernel_calls, bidirectional):
+    """Lightning validates under torch.inference_mode: its traces are inference tensors, and a later call outside
+    inference mode must not try to write into them (or into their reused buffers)."""
+    ours = model(bidirectional=bidirectional, seed=15)
+    x = torch.randn(4, 6, 3)
+    chunked(ours, 4)
+    _, _, ref_trace = reference_lstm(ours, x)
+    for mode in (torch.inference_mode, torch.no_grad, torch.inference_mode, torch.no_grad):
+        with mode():
+            out, _, trace = ours(x, return_gates=True)
+        assert trace.cell.is_inference() == (mode is torch.inference_mode)
+        assert_trace_close(trace, ref_trace)
+        del out, trace
+    assert len(kernel_calls) == 4 * (4 if bidirectional else 1)  # 2 directions x 2 calls of 3 steps
+
+
 @pytest.mark.parametrize("case", ["float64", "proj_size", "packed", "autocast", "lengths_with_graph"])
 def test_recovery_path_where_the_kernel_does_not_apply(kernel_calls, case):
     kwargs = {"proj_size": 2} if case == "proj_size" else {}
