@@ -303,7 +303,10 @@ def _kernel_gates_available() -> bool:
 _KERNEL_GATES = _kernel_gates_available()  # set False for the process if a workspace ever fails the layout check
 _VERIFIED: set[tuple] = set()  # kernel configurations whose workspace has passed the layout check
 _TRACE_VIEWS = True  # one layer and direction without a graph: the trace is views into the workspace (tests turn
-# it off to run that case the copying way too)
+# it off to run that case the copying way too) when that workspace is at most _VIEW_BYTES (by the estimate below)
+_VIEW_BYTES = 128 << 20  # a larger one is fresh memory whose page faults cost more, and vary more, than copying
+# into buffers (pooled, or fresh but a third smaller). Measured at batch 64, hidden 256, 1 thread, against nn.LSTM's
+# forward: views 1.18x and copies 1.29x at T = 100; at T = 1000 views 1.8x (1.2-2.1x), copies 1.3x
 _CHUNK_BYTES = 16 << 20  # workspace bytes per kernel call where the trace is copied out (about B * 16 * 4H per
 # step): few enough calls that the per-call cost (~0.2 ms) stays small, and under glibc's 32 MiB ceiling for reusing
 # freed heap blocks instead of mapping fresh pages (which torch's THP_MEM_ALLOC_ENABLE=1 allocations get anyway:
@@ -834,7 +837,8 @@ class GateLSTM(_Traced, nn.LSTM):
         rev = None if lens is None or D == 1 else _reverse_index(lens, T)
         graph = torch.is_grad_enabled()  # the workspace exists only in grad mode: without a graph, run detached
         prep = (lambda t: t) if graph else (lambda t: t.detach())
-        in_place = _TRACE_VIEWS and L * D == 1 and not graph  # a graph's workspace is autograd's: copy, never view
+        in_place = (_TRACE_VIEWS and L * D == 1 and not graph  # a graph's workspace is autograd's: copy, never view
+                    and T * B * 4 * H * 16 <= _VIEW_BYTES)
         if not in_place:
             chunk = max(1, min(T, _CHUNK_BYTES // (B * 4 * H * 16)))
             # one layer without a graph: `hidden` is a view of the output, which holds every direction's h_t (and

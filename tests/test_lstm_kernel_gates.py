@@ -91,6 +91,18 @@ def test_kernel_gates_equal_the_per_step_reference(kernel_calls, monkeypatch, la
     torch.testing.assert_close(out, torch.nn.LSTM.forward(ours, x, state)[0], atol=1e-6, rtol=0)  # nn.LSTM's own
 
 
+def test_a_long_sequence_is_copied_rather_than_viewed(kernel_calls, monkeypatch):
+    """Past _VIEW_BYTES of workspace, one layer and direction also runs a few steps per call and copies."""
+    ours = model(seed=3)
+    x = torch.randn(4, 11, 3)
+    chunked(ours, 4)
+    monkeypatch.setattr(lstm_mod, "_VIEW_BYTES", 10 * 4 * 4 * 5 * 16)  # 10 steps' worth: 11 are too many
+    with torch.no_grad():
+        out, _, trace = ours(x, return_gates=True)
+    assert kernel_calls == [3, 3, 3, 2] and storage(trace.input_gate) != storage(trace.cell)
+    assert_trace_close(trace, reference_lstm(ours, x)[2])
+
+
 @pytest.mark.parametrize("layers,bidirectional", [(1, False), (2, False), (2, True)])
 def test_kernel_gates_with_lengths_equal_the_recovery_path(kernel_calls, monkeypatch, layers, bidirectional):
     """Padded input with lengths=: the dense kernel runs over the padding (after each sequence; the reverse
