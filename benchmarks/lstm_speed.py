@@ -29,7 +29,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 import torch  # noqa: E402
 from torch import nn
 
-from pipeline.lstm import GateLSTM, reference_lstm  # noqa: E402
+from pipeline.lstm import GateLSTM  # noqa: E402
 
 VARIANTS = {"plain": lambda hidden: {}, "bidirectional": lambda hidden: {"bidirectional": True},
             "proj": lambda hidden: {"proj_size": hidden // 4}}
@@ -68,6 +68,49 @@ def onednn_version() -> str:
     return found.group(1) if found else "?"
 
 
+NAMES = ("input_gate", "forget_gate", "candidate", "output_gate", "cell", "hidden")
+
+
+def per_step_loop(m: nn.LSTM, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The naive per-step loop that records gates, from a zero state over batch-first x: (output, {name: (L * D, B,
+    T, size)}) as GateTrace lays them out. Each step is written as torch's own LSTMCell computes one on CPU (both
+    products with their biases fused, addmm, added in place, the activations in place on the step's own buffer),
+    and the trace keeps views of each step's results, stacked once per layer and direction into the output
+    tensors. tests/test_lstm_kernel_gates.py holds it to `reference_lstm`."""
+    B, T, _ = x.shape
+    D, L, H = 2 if m.bidirectional else 1, m.num_layers, m.hidden_size
+    P = m.proj_size or H
+    trace = {name: x.new_empty(L * D, B, T, P if name == "hidden" else H) for name in NAMES}
+    inp = x
+    for k in range(L):
+        for d in range(D):
+            sfx = f"_l{k}" + ("_reverse" if d else "")
+            w_ih, w_hh = getattr(m, f"weight_ih{sfx}"), getattr(m, f"weight_hh{sfx}")
+            b_ih, b_hh = (getattr(m, f"bias_ih{sfx}"), getattr(m, f"bias_hh{sfx}")) if m.bias else (None, None)
+            w_hr = getattr(m, f"weight_hr{sfx}") if m.proj_size else None
+            h, c = x.new_zeros(B, P), x.new_zeros(B, H)
+            steps = {name: [None] * T for name in NAMES}
+            for t in (range(T - 1, -1, -1) if d else range(T)):
+                x_t = inp[:, t]
+                if b_ih is None:
+                    gates = torch.mm(x_t, w_ih.T).add_(torch.mm(h, w_hh.T))
+                else:
+                    gates = torch.addmm(b_ih, x_t, w_ih.T).add_(torch.addmm(b_hh, h, w_hh.T))
+                i, f, g, o = gates.chunk(4, 1)
+                i.sigmoid_(), f.sigmoid_(), g.tanh_(), o.sigmoid_()
+                c = torch.addcmul(f * c, i, g)
+                h = o * torch.tanh(c)
+                if w_hr is not None:
+                    h = h @ w_hr.T
+                for name, value in zip(NAMES, (i, f, g, o, c, h)):
+                    steps[name][t] = value
+            for name in NAMES:
+                torch.stack(steps[name], 1, out=trace[name][k * D + d])
+        hidden = trace["hidden"][k * D : (k + 1) * D]
+        inp = torch.cat(tuple(hidden), -1) if D > 1 else hidden[0]
+    return inp, trace
+
+
 def rows(batch: int, seq: int, inp: int, hidden: int, device: str, options: dict):
     torch.manual_seed(0)
     ref = nn.LSTM(inp, hidden, batch_first=True, **options).to(device)
@@ -89,7 +132,7 @@ def rows(batch: int, seq: int, inp: int, hidden: int, device: str, options: dict
 
     def naive():
         with torch.no_grad():
-            reference_lstm(ours, x)
+            per_step_loop(ours, x)
 
     return {
         "nn.LSTM forward+backward": train_step(ref),

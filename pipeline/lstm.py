@@ -14,11 +14,14 @@ is an `nn.LSTM` (a subclass: same constructor, parameters, checks and fused kern
 forward can also return a `GateTrace`. When gates are asked for, on CPU in float32 (where
 nn.LSTM runs oneDNN's LSTM kernel) each layer and direction runs through that kernel's training
 form, `torch.mkldnn_rnn_layer(..., train=True)`, whose workspace holds every step's activated
-gates: the trace copies them out (`_kernel_direction`), a few steps per call. Elsewhere it runs
-the layers one fused call at a time, so each layer's input (after inter-layer dropout) is known,
-and recovers the gates exactly from what the kernel returned: every h_t is known, so all
-pre-activations of a layer are one batched matrix product over all steps. In both, the cell is
-a cheap elementwise recurrence, and o_t * tanh(c_t) must give back h_t, a free self-check.
+gates and cell: with one layer and direction the trace is views into that workspace (one call
+over the whole sequence, nothing copied), otherwise each call's rows are copied out
+(`_kernel_direction`, a few steps per call). Elsewhere it runs the layers one fused call at a
+time, so each layer's input (after inter-layer dropout) is known, and recovers the gates exactly
+from what the kernel returned: every h_t is known, so all pre-activations of a layer are one
+batched matrix product over all steps, and the cell is a cheap elementwise recurrence. In both,
+o_t * tanh(c_t) must give back h_t: a self-check (on the kernel's path it runs when
+`reconstruction_error` is first read).
 
 `VanillaRNN` is the same over `nn.RNN` (tanh or relu): its trace holds `hidden` only, and its
 self-check is act(W_ih x_t + W_hh h_{t-1} + b) == h_t.
@@ -33,7 +36,8 @@ RuntimeError that says so (TorchScript cannot express `lengths=`, `return_gates=
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from collections.abc import Callable
+from dataclasses import InitVar, dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +68,14 @@ class GateTrace:
     reconstruction_error: max over real steps of |recomputed h_t - h_t from the kernel|
     (o_t * tanh(c_t), projected when proj_size > 0; act(pre-activation) for a vanilla RNN).
     It is NaN when any real step's reconstruction is NaN (a NaN or inf in the input, state or
-    weights): a NaN is never reported as a small error.
+    weights): a NaN is never reported as a small error. The constructor also takes a function
+    that computes it: it then runs once, when the attribute is first read (GateLSTM's traced
+    forward on oneDNN does so: a trace nobody checks costs no check), from the trace's tensors as
+    they are then.
+
+    Memory: the tensors may be views into a larger buffer (GateLSTM's traced forward with one
+    layer and direction on CPU: the kernel's workspace, and `hidden` shares the output's memory).
+    Clone what you keep for long, and before modifying the output or the trace in place.
     """
 
     input_gate: Tensor | None
@@ -74,10 +85,16 @@ class GateTrace:
     cell: Tensor | None
     hidden: Tensor
     mask: Tensor
-    reconstruction_error: float = 0.0
+    reconstruction_error: InitVar[float | Callable[[], float]] = 0.0
     num_directions: int = 1
 
     GATES = ("input_gate", "forget_gate", "candidate", "output_gate")
+
+    def __post_init__(self, reconstruction_error):
+        self._error = reconstruction_error
+
+    def __getstate__(self):  # pickle and copy the number, not the function that computes it
+        return {**self.__dict__, "_error": self.reconstruction_error}
 
     def items(self):
         """(name, tensor) for every recorded activation."""
@@ -89,6 +106,15 @@ class GateTrace:
     def layer(self, k: int) -> dict[str, Tensor]:
         """Entry k of the first axis (layer k // num_directions, direction k % num_directions)."""
         return {name: value[k] for name, value in self.items()}
+
+
+def _read_error(trace: GateTrace) -> float:
+    if callable(trace._error):
+        trace._error = float(trace._error())
+    return trace._error
+
+
+GateTrace.reconstruction_error = property(_read_error, doc="see the class docstring")  # the InitVar's attribute
 
 
 # --- the readable reference --------------------------------------------------------------------
@@ -275,9 +301,16 @@ def _kernel_gates_available() -> bool:
 
 
 _KERNEL_GATES = _kernel_gates_available()  # set False for the process if a workspace ever fails the layout check
-_CHUNK_BYTES = 16 << 20  # workspace bytes per kernel call (about B * 16 * 4H per step): few enough calls that the
-# per-call cost (~0.7 ms) stays small, and under glibc's 32 MiB ceiling for reusing freed heap blocks instead of
-# mapping fresh pages (which torch's THP_MEM_ALLOC_ENABLE=1 allocations get anyway: then each call faults its pages)
+_VERIFIED: set[tuple] = set()  # kernel configurations whose workspace has passed the layout check
+_TRACE_VIEWS = True  # one layer and direction without a graph: the trace is views into the workspace (tests turn
+# it off to run that case the copying way too) when that workspace is at most _VIEW_BYTES (by the estimate below)
+_VIEW_BYTES = 128 << 20  # a larger one is fresh memory whose page faults cost more, and vary more, than copying
+# into buffers (pooled, or fresh but a third smaller). Measured at batch 64, hidden 256, 1 thread, against nn.LSTM's
+# forward: views 1.18x and copies 1.29x at T = 100; at T = 1000 views 1.8x (1.2-2.1x), copies 1.3x
+_CHUNK_BYTES = 16 << 20  # workspace bytes per kernel call where the trace is copied out (about B * 16 * 4H per
+# step): few enough calls that the per-call cost (~0.2 ms) stays small, and under glibc's 32 MiB ceiling for reusing
+# freed heap blocks instead of mapping fresh pages (which torch's THP_MEM_ALLOC_ENABLE=1 allocations get anyway:
+# then each call faults its pages)
 
 
 _HEAP_READY_BYTES = 0  # the largest workspace _reuse_heap has prepared for
@@ -297,11 +330,80 @@ def _reuse_heap(nbytes: int) -> None:
         _HEAP_READY_BYTES = nbytes
 
 
-def _workspace_ld(G: int) -> int:
-    """oneDNN's leading dimension for the gates in an RNN workspace (rnn_utils get_good_ld): rows of G floats
-    padded to 64 bytes, plus 64 bytes when that is a multiple of 256 floats (against 4K aliasing)."""
-    ld = -(-G // 16) * 16
+def _storage_use_count(t: Tensor) -> int:
+    storage = t.untyped_storage()  # held while counting
+    return torch._C._storage_Use_Count(storage._cdata)
+
+
+def _baseline_use_count() -> int | None:
+    """How many references a tensor's memory has when nothing else refers to it (torch's own: the tensor and its
+    storage object), or None where torch cannot tell (then nothing is pooled)."""
+    try:
+        t = torch.empty(4)
+        alone = _storage_use_count(t)
+        view = t[1:]
+        shared = _storage_use_count(t)
+        del view
+        return alone if shared == alone + 1 and _storage_use_count(t) == alone else None
+    except (AttributeError, RuntimeError, TypeError):
+        return None
+
+
+_POOL: dict[str, Tensor] = {}  # the buffers of the last traced call that copied its trace, by role, for reuse
+_POOL_BYTES = 256 << 20  # pool no more than this (the pool keeps it after the trace is dropped)
+_ALONE = _baseline_use_count()
+
+
+def _unshared(buffer: Tensor) -> bool:
+    """True when nothing but the pool's own tensor refers to buffer's memory: no trace, output or view of it."""
+    return _ALONE is not None and _storage_use_count(buffer) == _ALONE
+
+
+def _buffers(like: Tensor, **shapes: tuple[int, ...]) -> dict[str, Tensor]:
+    """Empty float32 buffers of the given shapes for a traced call: those of the last call, role by role, where
+    nothing refers to them any more (the caller dropped that trace and output), else fresh ones. Fresh memory
+    costs its page faults at first touch (torch maps large tensors afresh: about 0.1 ms per MB on our machine,
+    as much as the copy into it), so a loop over batches that drops each trace reuses one set of buffers.
+    Only the last call's buffers are pooled, and only up to _POOL_BYTES in all."""
+    global _POOL
+    old, _POOL = _POOL, {}  # a concurrent call finds an empty pool and makes its own
+    inference = torch.is_inference_mode_enabled()  # an inference tensor cannot be written outside inference mode
+    made = {}
+    for role, shape in shapes.items():
+        buffer = old.get(role)
+        fits = buffer is not None and buffer.shape == shape and buffer.is_inference() == inference
+        made[role] = buffer if fits and _unshared(buffer) else like.new_empty(shape)
+    if sum(b.numel() for b in made.values()) * 4 <= _POOL_BYTES:
+        _POOL = dict(made)
+    return made
+
+
+def _good_ld(n: int) -> int:
+    """oneDNN's leading dimension for rows of n floats in an RNN workspace (rnn_utils get_good_ld): rounded up to
+    64 bytes, plus 64 bytes when that is a multiple of 256 floats (against 4K aliasing)."""
+    ld = -(-n // 16) * 16
     return ld + 16 if ld % 256 == 0 else ld
+
+
+def _workspace_views(ws: Tensor | None, n: int, B: int, I: int, H: int) -> tuple[Tensor, Tensor] | None:
+    """(gates (n, B, 4, H), cells (n, B, H)): views into the workspace of one training-kernel call over n steps of
+    batch B, input I, hidden H, in processing order; None when the workspace is too small to hold them.
+
+    oneDNN lays that workspace out in regions that each start on a 4096-byte page (rnn_utils set_offsets, read
+    and checked on oneDNN 3.12): the activated gates (n, B, get_good_ld(4H)) from offset 0, h_t before any
+    projection (n, B, get_good_ld(H)), the states (2, n + 1, B, get_good_ld(max(I, H))), then the cells
+    (2, n + 1, B, H), whose slot [1, t + 1] holds step t's cell, except for the last step: the kernel writes that
+    one to its c_n output only, so the last row of the cells view is left for the caller to fill."""
+    def pages(floats: int) -> int:
+        return -(-floats // 1024) * 1024
+
+    ld = _good_ld(4 * H)
+    start = (pages(n * B * ld) + pages(n * B * _good_ld(H)) + pages(2 * (n + 1) * B * _good_ld(max(I, H)))
+             + (n + 2) * B * H)
+    if ws is None or ws.numel() < 4 * (start + n * B * H):
+        return None
+    f = ws.view(torch.float32)
+    return f[: n * B * ld].view(n, B, ld)[:, :, : 4 * H].view(n, B, 4, H), f[start : start + n * B * H].view(n, B, H)
 
 
 def _autocast_cpu() -> bool:
@@ -317,122 +419,131 @@ def _activate(pre: Tensor) -> Tensor:
     return torch.cat([i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()], -1)
 
 
-def _kernel_direction(x: Tensor, h0: Tensor, c0: Tensor, w: list[Tensor], has_bias: bool, reverse: bool,
-                      gates: Tensor, chunk: int, rev: Tensor | None = None, cell: Tensor | None = None,
-                      hidden: Tensor | None = None, real: Tensor | None = None, output: Tensor | None = None):
-    """One direction of one layer through oneDNN's LSTM training kernel (nn.LSTM's CPU float32 kernel), which
-    keeps every step's activated gates in its workspace: (T, B, ld) floats from offset 0, in processing order.
+def _kernel_call(x: Tensor, h: Tensor, c: Tensor, w: list[Tensor], has_bias: bool, reverse: bool):
+    """One call of oneDNN's LSTM training kernel (nn.LSTM's CPU float32 kernel) over x (n, B, I) contiguous, from
+    state h, c (B, H), with w [w_ih, w_hh, b_ih, b_hh]: (output (n, B, H) in input order, h_n, c_n, gates
+    (n, B, 4, H), cells (n, B, H)). Gates and cells are views into the kernel's workspace, in processing order (for
+    reverse, row 0 is step n - 1), and the cells' last row is not written there (it is c_n).
 
-    x (T, B, I) contiguous, time-major; h0, c0 (B, H); w [w_ih, w_hh, b_ih, b_hh]. The kernel runs `chunk` steps
-    per call (the state carried across calls), so each workspace stays small. `gates` (T, B, 4H) receives the
-    gates in input order. With `cell` and `hidden` (T, B, H) given, each call's steps also get their cells and
-    the self-check while they are still in cache (real (T, B) marks the steps the check counts; None: all).
-    rev (T, B): for a reverse direction over sequences of different lengths, x is already reversed within each
-    length (x[p, b] = input[rev[p, b], b]) and runs forwards; gate rows go back by rev (then pass no cell).
-    output: a (T, B, H) view to write the output into (without autograd: it saves a concatenation).
-    Returns (output (T, B, H) in input order (with rev: processing order), (h, c) after the last call, self-check
-    error or None), or None when the workspace does not hold the gates where expected (the caller then recovers
-    them)."""
-    T, B, _ = x.shape
-    G = gates.shape[-1]
-    H = G // 4
-    ld = _workspace_ld(G)
-    g4 = gates.view(T, B, 4, H)
-    starts = list(range(0, T, chunk))
-    outs, h, c, c_run, worst, scratch = [], h0, c0, c0.detach(), None if cell is None else 0.0, None
+    Returns None when the workspace does not hold them where `_workspace_views` expects. That is checked
+    (`_layout_holds`) on the first call of each configuration (sizes, bias, direction, threads) until a check has
+    compared finite numbers and passed: the layout is a function of the configuration."""
+    n, B, I = x.shape
+    H = h.shape[-1]
+    out, h_n, c_n, ws = torch.mkldnn_rnn_layer(x, *w, h, c, reverse, [], 2, H, 1, has_bias, False, False, True)
+    views = _workspace_views(ws, n, B, I, H)
+    if views is None:
+        return None
+    key = (n, B, I, H, has_bias, reverse, torch.get_num_threads())
+    if key not in _VERIFIED:
+        with torch.no_grad():
+            holds = _layout_holds(*views, x, h, c, out, w, reverse)
+        if holds is False:
+            return None
+        if holds:
+            _VERIFIED.add(key)
+    return out, h_n, c_n, *views
+
+
+def _layout_holds(gates: Tensor, cells: Tensor, x: Tensor, h0: Tensor, c0: Tensor, out: Tensor, w: list[Tensor],
+                  reverse: bool) -> bool | None:
+    """The workspace layout check on a call's first two processed steps (every batch row): the gates read there
+    must be the activations recomputed from x, h_0 and the kernel's first h (to 1e-4), and the cells read there
+    f_t * c_{t-1} + i_t * g_t (to 1e-4 relative). NaN against NaN is a match (padding may hold anything), NaN
+    against a number is not. None when nothing finite was compared (the check then runs again next time)."""
+    n = x.shape[0]
+    steps = [n - 1, n - 2] if reverse else [0, 1]  # input positions of processing rows 0 and 1
+    h_prev, c_prev, compared = h0.detach(), c0.detach(), False
+
+    def differ(got, want, tol):
+        return bool(((got - want).abs() > tol).any() or (got.isnan() != want.isnan()).any())
+
+    for k, t in enumerate(steps):
+        if not 0 <= t < n:
+            break
+        want = _activate(x[t] @ w[0].T + h_prev @ w[1].T + w[2] + w[3]).view_as(gates[k])
+        if differ(gates[k], want, 1e-4):
+            return False
+        compared = compared or bool(want.isfinite().any())
+        if k < n - 1:  # the last row is c_n's, not the workspace's
+            i, f, g, _ = gates[k].unbind(1)
+            want_c = f * c_prev + i * g
+            if differ(cells[k], want_c, 1e-4 * (1 + want_c.abs())):
+                return False
+            c_prev = cells[k]
+        h_prev = out[t].detach()
+    return True if compared else None
+
+
+def _kernel_direction(x: Tensor, h0: Tensor, c0: Tensor, w: list[Tensor], has_bias: bool, reverse: bool,
+                      chunk: int, gates: Tensor, cell: Tensor, hidden: Tensor | None, rev: Tensor | None = None,
+                      output: Tensor | None = None):
+    """One direction of one layer through the training kernel, `chunk` steps per call (the state carried across
+    calls, so each workspace stays small), every call's gates and cells copied out into gates (T, B, 4, H) and
+    cell (T, B, H), its output into hidden (T, B, H) unless that is None, all in input order.
+
+    x (T, B, I) contiguous, time-major; h0, c0 (B, H); w as `_kernel_call`. rev (T, B): for a reverse direction
+    over sequences of different lengths, x is already reversed within each length (x[p, b] = input[rev[p, b], b])
+    and runs forwards; rows go back by rev. output: a (T, B, H) view to write the output into (without autograd:
+    it saves a concatenation). Returns (output (T, B, H) in input order (with rev: processing order), (h_n, c_n)),
+    or None when a workspace fails the layout check (the caller then recovers the gates by one matrix product)."""
+    T = x.shape[0]
+    starts = range(0, T, chunk)
     kernel_reverse = reverse and rev is None
-    for n_call, t0 in enumerate(reversed(starts) if kernel_reverse else starts):
+    outs, h, c = [], h0, c0
+    for t0 in (reversed(starts) if kernel_reverse else starts):
         t1 = min(t0 + chunk, T)
-        n = t1 - t0
-        out, h, c, ws = torch.mkldnn_rnn_layer(x[t0:t1], *w, h, c, kernel_reverse, [], 2, H, 1, has_bias, False,
-                                               False, True)
+        res = _kernel_call(x[t0:t1], h, c, w, has_bias, kernel_reverse)
+        if res is None:
+            return None
+        out, h, c, g, cl = res
         if output is None:
             outs.append(out)
         else:
             output[t0:t1].copy_(out)
-        if ws is None or ws.numel() < n * B * ld * 4:
-            return None
+        _reuse_heap(cl.untyped_storage().nbytes())
         with torch.no_grad():
-            src = ws[: n * B * ld * 4].view(torch.float32).view(n, B, ld)[:, :, :G]
-            if n_call == 0:
-                if not _workspace_holds_gates(src, x[t0:t1], h0, out.detach(), w, kernel_reverse):
-                    return None
-                _reuse_heap(ws.numel())
-            if rev is not None:
-                gates.scatter_(0, _time_index(rev[t0:t1], src), src)
-            elif kernel_reverse:
-                for s in range(n):
-                    gates[t1 - 1 - s].copy_(src[s])
-            else:
-                gates[t0:t1].copy_(src)
-            if cell is not None:
+            c_last = c.detach()[None]
+            if rev is not None:  # processing row p of sequence b is its step rev[p, b]
+                at = rev[t0:t1]
+                gates.scatter_(0, _time_index(at, g), g)
+                cell.scatter_(0, _time_index(at[:-1], cl[:-1]), cl[:-1])
+                cell.scatter_(0, _time_index(at[-1:], c_last), c_last)
+                if hidden is not None:
+                    hidden.scatter_(0, _time_index(at, out), out.detach())
+                continue
+            if hidden is not None:
                 hidden[t0:t1].copy_(out)
-                c_run = _scan(g4, cell, c_run, t0, t1, kernel_reverse)
-                if scratch is None:
-                    scratch = cell.new_empty(min(chunk, T), B, H)
-                worst = _worst(worst, _check(g4, cell, hidden, t0, t1, real, scratch))
+            if kernel_reverse:  # processing row s is step t1 - 1 - s (index_select: as fast as a copy)
+                back = torch.arange(t1 - t0 - 1, -1, -1)
+                torch.index_select(g, 0, back, out=gates[t0:t1])
+                torch.index_select(cl, 0, back[1:], out=cell[t0 + 1 : t1])
+                cell[t0].copy_(c_last[0])
+            else:
+                gates[t0:t1].copy_(g)
+                cell[t0 : t1 - 1].copy_(cl[:-1])
+                cell[t1 - 1].copy_(c_last[0])
     if output is not None:
-        return output, (h, c), worst
+        return output, (h, c)
     if kernel_reverse:
         outs.reverse()
-    return torch.cat(outs) if len(outs) > 1 else outs[0], (h, c), worst
+    return torch.cat(outs) if len(outs) > 1 else outs[0], (h, c)
 
 
-def _scan(gates: Tensor, cell: Tensor, c_prev: Tensor, lo: int, hi: int, reverse: bool) -> Tensor:
-    """cell[lo:hi] by c_t = f_t * c_{t-1} + i_t * g_t from gates (T, B, 4, H), starting from c_prev (the reverse
-    direction runs from step hi - 1 down). Returns the last cell computed."""
-    i, f, candidate, _ = gates[lo:hi].unbind(2)
-    span = cell[lo:hi]
-    torch.mul(i, candidate, out=span)  # i_t * g_t for every step, then in place:
-    for t in (range(hi - lo - 1, -1, -1) if reverse else range(hi - lo)):
-        c_prev = span[t].addcmul_(f[t], c_prev)
-    return c_prev
-
-
-def _check(gates: Tensor, cell: Tensor, hidden: Tensor, lo: int, hi: int, real: Tensor | None,
-           scratch: Tensor | None = None) -> float:
-    """The self-check on steps lo..hi-1: max |o_t * tanh(c_t) - h_t| over real steps (real (T, B); None: all).
-    scratch: a (steps, B, H) buffer to reuse (large fresh temporaries cost page faults on every call)."""
+def _trace_error(output_gate: Tensor, cell: Tensor, hidden: Tensor, mask: Tensor) -> float:
+    """The self-check of a finished trace: max over real steps of |o_t * tanh(c_t) - h_t|, with h_t the kernel's
+    output; output_gate, cell, hidden (E, B, T, H), mask (B, T) True on real steps. In blocks of steps, so the
+    temporaries stay small."""
     worst = 0.0
-    block = 64 if scratch is None else scratch.shape[0]
-    for t0 in range(lo, hi, block):  # in blocks of steps, so the temporaries stay small and in cache
-        span = slice(t0, min(t0 + block, hi))
-        n = span.stop - t0
-        shown = cell[span].mul(2) if scratch is None else torch.mul(cell[span], 2, out=scratch[:n])
-        shown.sigmoid_().mul_(2).sub_(1).mul_(gates[span, :, 3])  # tanh(c) = 2 sigmoid(2c) - 1
-        err = shown.sub_(hidden[span]).abs_()
-        worst = _worst(worst, err if real is None else err[real[span]])
+    T = mask.shape[1]
+    for e in range(cell.shape[0]):
+        for t0 in range(0, T, 16):
+            span = slice(t0, t0 + 16)
+            shown = cell[e, :, span].mul(2).sigmoid_().mul_(2).sub_(1).mul_(output_gate[e, :, span])  # tanh(c) o
+            err = shown.sub_(hidden[e, :, span]).abs_()
+            real = mask[:, span]
+            worst = _worst(worst, err if bool(real.all()) else err[real])
     return worst
-
-
-def _cells(gates: Tensor, cell: Tensor, c0: Tensor, hidden: Tensor, reverse: bool, real: Tensor | None) -> float:
-    """Fill cell (T, B, H) from gates (T, B, 4, H) in input order (the reverse direction runs from the last step)
-    and return the self-check (`_check`). Padded steps of a reverse direction are first made to carry c_0
-    unchanged (f = 1, i = g = 0) so that each sequence starts from c_0 at its own last step."""
-    T = gates.shape[0]
-    if reverse and real is not None:
-        pad = ~real[..., None]
-        gates[:, :, 0].masked_fill_(pad, 0.0)
-        gates[:, :, 1].masked_fill_(pad, 1.0)
-        gates[:, :, 2].masked_fill_(pad, 0.0)
-    _scan(gates, cell, c0.detach(), 0, T, reverse)
-    return _check(gates, cell, hidden, 0, T, real)
-
-
-def _workspace_holds_gates(src: Tensor, x: Tensor, h0: Tensor, out: Tensor, w: list[Tensor], reverse: bool) -> bool:
-    """The workspace layout check, on a call's first two processed steps (every batch row): the gates read there
-    must be the activations recomputed from x, h_0 and the kernel's h of the first step (to 1e-4)."""
-    n = x.shape[0]
-    steps = [n - 1, n - 2] if reverse else [0, 1]
-    h_prev = [h0, out[steps[0]]]
-    for k, (t, hp) in enumerate(zip(steps, h_prev)):
-        if not 0 <= t < n:
-            break
-        want, got = _activate(x[t] @ w[0].T + hp @ w[1].T + w[2] + w[3]), src[k]
-        # NaN where the input is NaN (padding may hold anything) is a match, NaN against a number is not
-        if bool(((got - want).abs() > 1e-4).any() or (got.isnan() != want.isnan()).any()):
-            return False
-    return True
 
 
 # --- the modules ---------------------------------------------------------------------------------
@@ -704,11 +815,14 @@ class GateLSTM(_Traced, nn.LSTM):
                                                                    and self.num_layers > 1))
 
     def _kernel_pass(self, input, hx, lengths, is_batched):
-        """Every layer and direction through oneDNN's LSTM training kernel (nn.LSTM's own CPU kernel), which keeps
-        each step's activated gates in its workspace: the trace reads them from there (no second matrix product),
-        the cell follows from the elementwise recurrence, and o_t * tanh(c_t) == h_t checks both. Returns
-        (output, (h_n, c_n), GateTrace) as `_run`, or None where the kernel does not apply (`_kernel_traceable`)
-        or its workspace fails the layout check (then `_trace` recovers the gates by one matrix product)."""
+        """Every layer and direction through oneDNN's LSTM training kernel (nn.LSTM's own CPU kernel), whose
+        workspace keeps each step's activated gates and cell: the trace reads them from there (no second matrix
+        product, no recurrence). With one layer and direction and no graph, the kernel runs over the whole sequence
+        in one call and the trace is views into its workspace (and `hidden` into the output): nothing is copied.
+        Otherwise it runs a few steps per call and each call's rows are copied into the trace. The self-check
+        o_t * tanh(c_t) == h_t runs when `reconstruction_error` is first read. Returns (output, (h_n, c_n),
+        GateTrace) as `_run`, or None where the kernel does not apply (`_kernel_traceable`) or its workspace
+        fails the layout check (then `_trace` recovers the gates by one matrix product)."""
         global _KERNEL_GATES
         if not self._kernel_traceable(input, hx, lengths):
             return None
@@ -716,7 +830,6 @@ class GateLSTM(_Traced, nn.LSTM):
         x = dense.transpose(0, 1) if self.batch_first else dense
         T, B = x.shape[:2]
         D, H, L = 2 if self.bidirectional else 1, self.hidden_size, self.num_layers
-        G = 4 * H
         lens = None if lengths is None else torch.as_tensor(lengths).cpu()
         if lens is not None and bool((lens == T).all()):
             lens = None  # every sequence is full length: the dense pass
@@ -724,47 +837,61 @@ class GateLSTM(_Traced, nn.LSTM):
         rev = None if lens is None or D == 1 else _reverse_index(lens, T)
         graph = torch.is_grad_enabled()  # the workspace exists only in grad mode: without a graph, run detached
         prep = (lambda t: t) if graph else (lambda t: t.detach())
-        chunk = max(1, min(T, _CHUNK_BYTES // (B * G * 16)))
-        gates = x.new_empty(L * D, T, B, 4, H)
-        cell = x.new_empty(L * D, T, B, H)
-        hidden = x.new_empty(L * D, T, B, H)
-        h_n, c_n, worst = [], [], 0.0
+        in_place = (_TRACE_VIEWS and L * D == 1 and not graph  # a graph's workspace is autograd's: copy, never view
+                    and T * B * 4 * H * 16 <= _VIEW_BYTES)
+        if not in_place:
+            chunk = max(1, min(T, _CHUNK_BYTES // (B * 4 * H * 16)))
+            # one layer without a graph: `hidden` is a view of the output, which holds every direction's h_t (and
+            # is written in place, as every layer's output is without a graph)
+            shared = L == 1 and not graph
+            bufs = _buffers(x, gates=(L * D, T, B, 4, H), cell=(L * D, T, B, H),
+                            **({"output": (T, B, D * H)} if shared else {"hidden": (L * D, T, B, H)}))
+            gates, cell = bufs["gates"], bufs["cell"]
+            layer_out = bufs["output"] if shared else None if graph else x.new_empty(T, B, D * H)
+            hidden = layer_out.view(T, B, D, H).permute(2, 0, 1, 3) if shared else bufs["hidden"]
+        h_n, c_n = [], []
         inp = prep(x).contiguous()
         with torch.enable_grad():
             for k in range(L):
                 outs = []
-                layer_out = None if graph else x.new_empty(T, B, D * H)  # without a graph: written in place
+                if k and not (graph or in_place):
+                    layer_out = x.new_empty(T, B, D * H)
                 for d in range(D):
                     e = k * D + d
                     w = [prep(t).contiguous() for t in self._direction_weights(k, d)]
                     if not self.bias:
-                        w += [x.new_zeros(G), x.new_zeros(G)]
+                        w += [x.new_zeros(4 * H), x.new_zeros(4 * H)]
                     h0, c0 = (prep(s[e]).contiguous() for s in hx)
-                    src = inp if not (d and rev is not None) else torch.gather(inp, 0, _time_index(rev, inp))
-                    gathered = d and rev is not None
-                    res = _kernel_direction(src, h0, c0, w, self.bias, d == 1, gates[e].view(T, B, G), chunk,
-                                            rev if gathered else None, None if gathered else cell[e], hidden[e],
-                                            real, None if gathered or graph else layer_out[..., d * H : (d + 1) * H])
-                    if res is None:
-                        _KERNEL_GATES = False
-                        return None
-                    out, (h_last, c_last), err = res
-                    if gathered:
-                        out = torch.gather(out, 0, _time_index(rev, out))
-                        if not graph:
-                            layer_out[..., d * H : (d + 1) * H] = out
-                    outs.append(out)
-                    with torch.no_grad():
+                    if in_place:
+                        res = _kernel_call(inp, h0, c0, w, self.bias, False)
+                        if res is None:
+                            _KERNEL_GATES = False
+                            return None
+                        out, h_last, c_last, gates, cell = res
+                        cell[-1].copy_(c_last)  # the kernel's last cell is in c_n only
+                        gates, cell, hidden = gates[None], cell[None], out[None]
+                    else:
+                        gathered = d and rev is not None  # reversed within each length, run forwards
+                        src = torch.gather(inp, 0, _time_index(rev, inp)) if gathered else inp
+                        part = None if graph else layer_out[..., d * H : (d + 1) * H]
+                        res = _kernel_direction(src, h0, c0, w, self.bias, d == 1, chunk, gates[e], cell[e],
+                                                None if L == 1 and part is not None else hidden[e],
+                                                rev if gathered else None, None if gathered else part)
+                        if res is None:
+                            _KERNEL_GATES = False
+                            return None
+                        out, (h_last, c_last) = res
                         if gathered:
-                            hidden[e].copy_(out)
-                            err = _cells(gates[e], cell[e], c0, hidden[e], True, real)
-                        worst = _worst(worst, err)
-                        if lens is not None:
-                            at = lens - 1 if d == 0 else torch.zeros_like(lens)
-                            h_last, c_last = hidden[e][at, torch.arange(B)], cell[e][at, torch.arange(B)]
+                            out = torch.gather(out, 0, _time_index(rev, out))  # rev is its own inverse
+                            if part is not None:
+                                part.copy_(out)
+                    outs.append(out)
+                    if lens is not None:
+                        at = lens - 1 if d == 0 else torch.zeros_like(lens)
+                        h_last, c_last = hidden[e][at, torch.arange(B)], cell[e][at, torch.arange(B)]
                     h_n.append(h_last)
                     c_n.append(c_last)
-                out = layer_out if not graph else torch.cat(outs, -1) if D > 1 else outs[0]
+                out = layer_out if not (graph or in_place) else torch.cat(outs, -1) if D > 1 else outs[0]
                 if k < L - 1 and self.dropout > 0 and self.training:
                     out = out.transpose(0, 1) if self.batch_first else out
                     out = self.inter_layer_dropout(out, None, None)
@@ -773,7 +900,8 @@ class GateLSTM(_Traced, nn.LSTM):
         if not graph:
             out = out.detach()
         if real is not None:
-            out = out.masked_fill(~real[..., None], 0.0)  # as pad_packed_sequence pads
+            out = out.masked_fill(~real[..., None], 0.0)  # as pad_packed_sequence pads (a new tensor: the trace
+            # keeps the kernel's output, NaN on padding)
         output = out.transpose(0, 1) if self.batch_first else out
         state = (torch.stack(h_n), torch.stack(c_n))
         if not is_batched:
@@ -785,7 +913,8 @@ class GateLSTM(_Traced, nn.LSTM):
         if real is not None:
             for v in views:
                 v.masked_fill_(~mask[None, :, :, None], float("nan"))
-        return output, state, GateTrace(*views, mask=mask, reconstruction_error=worst, num_directions=D)
+        return output, state, GateTrace(*views, mask=mask, num_directions=D,
+                                        reconstruction_error=lambda: _trace_error(*views[3:], mask))
 
     def _recover(self, x, h, state, w, real, order):
         w_ih, w_hh = w[:2]

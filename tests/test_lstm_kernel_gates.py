@@ -1,10 +1,16 @@
-"""The traced forward that reads the gates from oneDNN's LSTM workspace (pipeline.lstm._kernel_pass).
+"""The traced forward that reads the gates and cells from oneDNN's LSTM workspace (pipeline.lstm._kernel_pass).
 
 Every case is checked against the per-step reference (`reference_lstm`, the walk-through cell) or against the
 recovery path (one matrix product over all steps), and each test asserts which path ran, so that a silent fallback
-cannot pass for the fast path. The kernel runs in small chunks of steps here (a few steps per call), so carrying
-the state across calls is exercised too.
+cannot pass for the fast path. Two forms are covered: one layer and direction without a graph, where the trace is
+views into one kernel call's workspace, and everything else, where the kernel runs a few steps per call (3 here,
+so carrying the state across calls is exercised) and each call's rows are copied into the trace.
 """
+
+import copy
+import importlib.util
+import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,22 +25,26 @@ pytestmark = pytest.mark.skipif(not lstm_mod._KERNEL_GATES, reason="this torch b
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """Counts the kernel path's calls (one per layer and direction); forces 3-step chunks."""
+    """Records the steps of every kernel call; a fresh layout-check memory and buffer pool; 3-step calls where the
+    trace is copied (see `chunked`)."""
     calls = []
-    real = lstm_mod._kernel_direction
+    real = lstm_mod._kernel_call
 
-    def counted(*args, **kwargs):
-        calls.append(args[7])
-        return real(*args, **kwargs)
+    def counted(x, *args, **kwargs):
+        calls.append(x.shape[0])
+        return real(x, *args, **kwargs)
 
-    monkeypatch.setattr(lstm_mod, "_kernel_direction", counted)
+    monkeypatch.setattr(lstm_mod, "_kernel_call", counted)
     monkeypatch.setattr(lstm_mod, "_KERNEL_GATES", True)
+    monkeypatch.setattr(lstm_mod, "_TRACE_VIEWS", True)
+    monkeypatch.setattr(lstm_mod, "_VERIFIED", set())
+    monkeypatch.setattr(lstm_mod, "_POOL", {})
     monkeypatch.setattr(lstm_mod, "_CHUNK_BYTES", 3 * 16)  # bytes per step are B * 4H * 16: see below
     return calls
 
 
 def chunked(module, batch):
-    """Set the chunk to 3 steps for this module's sizes."""
+    """Set the chunk to 3 steps for this module's sizes (where the trace is copied out)."""
     lstm_mod._CHUNK_BYTES = 3 * batch * 4 * module.hidden_size * 16
 
 
@@ -49,9 +59,15 @@ def assert_trace_close(trace, ref_trace, atol=1e-5):
                                    msg=name)
 
 
-@pytest.mark.parametrize("layers,bidirectional,bias", [(1, False, True), (2, False, True), (1, True, True),
-                                                       (2, True, True), (2, True, False)])
-def test_kernel_gates_equal_the_per_step_reference(kernel_calls, layers, bidirectional, bias):
+def storage(t):
+    return t.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("layers,bidirectional,bias,views", [
+    (1, False, True, True), (1, False, False, True), (1, False, True, False), (2, False, True, False),
+    (1, True, True, False), (2, True, True, False), (2, True, False, False)])
+def test_kernel_gates_equal_the_per_step_reference(kernel_calls, monkeypatch, layers, bidirectional, bias, views):
+    monkeypatch.setattr(lstm_mod, "_TRACE_VIEWS", views)
     ours = model(num_layers=layers, bidirectional=bidirectional, bias=bias, seed=layers)
     D = 2 if bidirectional else 1
     x = torch.randn(4, 11, 3)
@@ -59,7 +75,12 @@ def test_kernel_gates_equal_the_per_step_reference(kernel_calls, layers, bidirec
     chunked(ours, 4)
     with torch.no_grad():
         out, (h_n, c_n), trace = ours(x, state, return_gates=True)
-    assert len(kernel_calls) == layers * D and set(kernel_calls) == {3}, "the kernel path, 3 steps per call"
+    if views:  # one call over all steps; the trace is views into its workspace, `hidden` into the output
+        assert kernel_calls == [11]
+        assert len({storage(getattr(trace, name)) for name in NAMES[:5]}) == 1
+        assert storage(trace.hidden) == storage(out)
+    else:
+        assert sorted(kernel_calls) == sorted([3, 3, 3, 2] * (layers * D)), "the kernel path, 3 steps per call"
     ref_out, (ref_h, ref_c), ref_trace = reference_lstm(ours, x, state)
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=0)
     torch.testing.assert_close(h_n, ref_h, atol=1e-5, rtol=0)
@@ -70,24 +91,37 @@ def test_kernel_gates_equal_the_per_step_reference(kernel_calls, layers, bidirec
     torch.testing.assert_close(out, torch.nn.LSTM.forward(ours, x, state)[0], atol=1e-6, rtol=0)  # nn.LSTM's own
 
 
-@pytest.mark.parametrize("bidirectional", [False, True])
-def test_kernel_gates_with_lengths_equal_the_recovery_path(kernel_calls, monkeypatch, bidirectional):
+def test_a_long_sequence_is_copied_rather_than_viewed(kernel_calls, monkeypatch):
+    """Past _VIEW_BYTES of workspace, one layer and direction also runs a few steps per call and copies."""
+    ours = model(seed=3)
+    x = torch.randn(4, 11, 3)
+    chunked(ours, 4)
+    monkeypatch.setattr(lstm_mod, "_VIEW_BYTES", 10 * 4 * 4 * 5 * 16)  # 10 steps' worth: 11 are too many
+    with torch.no_grad():
+        out, _, trace = ours(x, return_gates=True)
+    assert kernel_calls == [3, 3, 3, 2] and storage(trace.input_gate) != storage(trace.cell)
+    assert_trace_close(trace, reference_lstm(ours, x)[2])
+
+
+@pytest.mark.parametrize("layers,bidirectional", [(1, False), (2, False), (2, True)])
+def test_kernel_gates_with_lengths_equal_the_recovery_path(kernel_calls, monkeypatch, layers, bidirectional):
     """Padded input with lengths=: the dense kernel runs over the padding (after each sequence; the reverse
     direction reads each sequence reversed within its length), and everything past a length is masked out."""
-    ours = model(num_layers=2, bidirectional=bidirectional, seed=4)
+    ours = model(num_layers=layers, bidirectional=bidirectional, seed=4)
     D = 2 if bidirectional else 1
     x = torch.randn(4, 10, 3)
     x[3, 1:] = float("nan")  # padding may hold anything
     lengths = torch.tensor([10, 4, 7, 1])
-    state = (torch.randn(2 * D, 4, 5), torch.randn(2 * D, 4, 5))
+    state = (torch.randn(layers * D, 4, 5), torch.randn(layers * D, 4, 5))
     chunked(ours, 4)
     with torch.no_grad():
         out, (h_n, c_n), trace = ours(x, state, lengths=lengths, return_gates=True)
-    assert len(kernel_calls) == 2 * D
+    assert len(kernel_calls) == (1 if layers * D == 1 else 4 * layers * D)
+    calls = len(kernel_calls)
     monkeypatch.setattr(lstm_mod, "_KERNEL_GATES", False)
     with torch.no_grad():
         ref_out, (ref_h, ref_c), ref_trace = ours(x, state, lengths=lengths, return_gates=True)
-    assert len(kernel_calls) == 2 * D, "the recovery path ran"
+    assert len(kernel_calls) == calls, "the recovery path ran"
     torch.testing.assert_close(out, ref_out, atol=1e-6, rtol=0)  # zeros past each length, as pad_packed_sequence
     torch.testing.assert_close(h_n, ref_h, atol=1e-6, rtol=0)
     torch.testing.assert_close(c_n, ref_c, atol=1e-6, rtol=0)
@@ -111,7 +145,7 @@ def test_kernel_gates_unbatched_and_time_major(kernel_calls):
     chunked(ours, 1)
     with torch.no_grad():
         out, (h_n, c_n), trace = ours(x, return_gates=True)
-    assert len(kernel_calls) == 4
+    assert len(kernel_calls) == 4 * 3
     ref_out, (ref_h, ref_c), ref_trace = reference_lstm(ours, x[None])
     assert out.shape == (7, 10) and h_n.shape == (4, 5)
     torch.testing.assert_close(out, ref_out[0], atol=1e-5, rtol=0)
@@ -119,11 +153,13 @@ def test_kernel_gates_unbatched_and_time_major(kernel_calls):
     assert_trace_close(trace, ref_trace)
 
 
-def test_kernel_gates_train_mode_gradients_and_dropout(kernel_calls):
-    """With a graph: the output's gradients are nn.LSTM's, and dropout between layers draws nn.LSTM's masks."""
+@pytest.mark.parametrize("layers,bidirectional,dropout", [(3, True, 0.5), (1, False, 0.0)])
+def test_kernel_gates_train_mode_gradients_and_dropout(kernel_calls, layers, bidirectional, dropout):
+    """With a graph: the output's gradients are nn.LSTM's (the workspace autograd keeps for backward is read, never
+    written), and dropout between layers draws nn.LSTM's masks."""
     torch.manual_seed(8)
-    ref = torch.nn.LSTM(3, 5, 3, batch_first=True, bidirectional=True, dropout=0.5)
-    ours = GateLSTM(3, 5, 3, batch_first=True, bidirectional=True, dropout=0.5)
+    ref = torch.nn.LSTM(3, 5, layers, batch_first=True, bidirectional=bidirectional, dropout=dropout)
+    ours = GateLSTM(3, 5, layers, batch_first=True, bidirectional=bidirectional, dropout=dropout)
     ours.load_state_dict(ref.state_dict())
     x = torch.randn(2, 8, 3)
     chunked(ours, 2)
@@ -133,26 +169,134 @@ def test_kernel_gates_train_mode_gradients_and_dropout(kernel_calls):
     torch.manual_seed(1)
     out, _, trace = ours(x, return_gates=True)
     out.pow(2).sum().backward()
-    assert len(kernel_calls) == 6
+    assert sorted(kernel_calls) == sorted([3, 3, 2] * (layers * (2 if bidirectional else 1))), "copied out, 3 a call"
     torch.testing.assert_close(out, out_r, atol=1e-6, rtol=0)
     for p, p_r in zip(ours.parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, p_r.grad, atol=1e-5, rtol=1e-5)
     assert trace.reconstruction_error < 1e-5 and not trace.cell.requires_grad
+    if layers == 1:
+        with torch.no_grad():
+            _, _, ref_trace = reference_lstm(ours, x)
+        assert_trace_close(trace, ref_trace)
 
 
-def test_layout_check_falls_back_to_recovery(kernel_calls, monkeypatch):
-    """Where the workspace does not hold the gates as expected (a wrong row width here), the traced forward
-    recovers them by the matrix product instead, with the same results, and stops trying the workspace."""
-    ours = model(num_layers=2, bidirectional=True, seed=9)
+def _shift_cells(real):
+    """_workspace_views with the cells one step off (another oneDNN's layout)."""
+    def shifted(ws, n, B, I, H):
+        views = real(ws, n, B, I, H)
+        if views is None:
+            return None
+        gates, cells = views
+        return gates, torch.roll(cells, 1, 0)
+    return shifted
+
+
+@pytest.mark.parametrize("wrong", ["gate rows", "cells"])
+@pytest.mark.parametrize("layers,bidirectional", [(1, False), (2, True)])
+def test_layout_check_falls_back_to_recovery(kernel_calls, monkeypatch, wrong, layers, bidirectional):
+    """Where the workspace does not hold the gates or the cells as expected, the traced forward recovers them by
+    the matrix product instead, with the same results, and stops trying the workspace."""
+    ours = model(num_layers=layers, bidirectional=bidirectional, seed=9)
     x = torch.randn(4, 9, 3)
+    chunked(ours, 4)
     with torch.no_grad():
         expected = ours(x, return_gates=True)
-    monkeypatch.setattr(lstm_mod, "_workspace_ld", lambda G: G + 8)
+    monkeypatch.setattr(lstm_mod, "_VERIFIED", set())
+    if wrong == "gate rows":
+        monkeypatch.setattr(lstm_mod, "_good_ld", lambda n: -(-n // 16) * 16 + 8)
+    else:
+        monkeypatch.setattr(lstm_mod, "_workspace_views", _shift_cells(lstm_mod._workspace_views))
     with torch.no_grad():
         out, _, trace = ours(x, return_gates=True)
     assert not lstm_mod._KERNEL_GATES
     torch.testing.assert_close(out, expected[0], atol=1e-6, rtol=0)
     assert_trace_close(trace, expected[2], atol=1e-6)
+    assert trace.reconstruction_error < 1e-5
+
+
+def test_layout_check_runs_once_per_configuration(kernel_calls, monkeypatch):
+    """The layout is a function of the call's configuration: it is checked on the first call of each (and again
+    after a call whose input left nothing finite to compare)."""
+    checks = []
+    real = lstm_mod._layout_holds
+
+    def counted(*args):
+        checks.append(args[2].shape[0])
+        return real(*args)
+
+    monkeypatch.setattr(lstm_mod, "_layout_holds", counted)
+    ours = model(seed=11)
+    with torch.no_grad():
+        ours(torch.full((2, 6, 3), float("nan")), return_gates=True)  # nothing finite: not settled
+        ours(torch.randn(2, 6, 3), return_gates=True)
+        ours(torch.randn(2, 6, 3), return_gates=True)
+        ours(torch.randn(2, 5, 3), return_gates=True)
+        out, _, trace = ours(torch.randn(2, 5, 3), return_gates=True)
+    assert checks == [6, 6, 5]
+    assert lstm_mod._KERNEL_GATES and trace.reconstruction_error < 1e-5
+
+
+def test_reconstruction_error_is_computed_when_read(kernel_calls):
+    """The self-check runs on first read, over the trace as it is then: a corrupted cell shows; the number survives
+    pickling and copying."""
+    ours = model(seed=12)
+    x = torch.randn(3, 8, 3)
+    with torch.no_grad():
+        _, _, trace = ours(x, return_gates=True)
+        _, _, other = ours(x, return_gates=True)
+    assert callable(trace._error)
+    trace.cell[0, 1, 4] += 1.0
+    assert trace.reconstruction_error > 0.05
+    assert not callable(trace._error)
+    assert other.reconstruction_error < 1e-5
+    for again in (pickle.loads(pickle.dumps(other)), copy.deepcopy(other)):
+        assert again.reconstruction_error == other.reconstruction_error
+        torch.testing.assert_close(again.cell, other.cell)
+    x[1, 2, 0] = float("nan")  # a NaN at a real step is never reported as a small error
+    with torch.no_grad():
+        assert ours(x, return_gates=True)[2].reconstruction_error != 0.0
+
+
+def test_copied_traces_reuse_buffers_only_when_dropped(kernel_calls, monkeypatch):
+    """Where the trace is copied out, the next call reuses the last call's buffers, but only those nothing refers
+    to any more: a trace, an output or a single view still held is never overwritten."""
+    if lstm_mod._ALONE is None:
+        pytest.skip("this torch cannot count storage references: nothing is pooled")
+    ours = model(bidirectional=True, seed=13)
+    x1, x2 = torch.randn(4, 6, 3), torch.randn(4, 6, 3)
+    with torch.no_grad():
+        expected = [ours(x, return_gates=True) for x in (x1, x2)]
+        out, _, trace = ours(x1, return_gates=True)
+        first = {name: storage(getattr(trace, name)) for name in NAMES}
+        del out, trace
+        out, _, trace = ours(x2, return_gates=True)  # the first call's buffers, reused
+        assert {name: storage(getattr(trace, name)) for name in NAMES} == first
+        assert_trace_close(trace, expected[1][2], atol=0)
+        kept_cell, kept_out = trace.cell[1], out
+        del trace
+        out2, _, trace2 = ours(x1, return_gates=True)
+        assert storage(trace2.cell) != storage(kept_cell) and storage(out2) != storage(kept_out)
+        assert storage(trace2.input_gate) == first["input_gate"]  # the gates were free again
+        torch.testing.assert_close(kept_cell, expected[1][2].cell[1], atol=0, rtol=0)
+        torch.testing.assert_close(kept_out, expected[1][0], atol=0, rtol=0)
+        assert_trace_close(trace2, expected[0][2], atol=0)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_kernel_gates_in_inference_mode_then_outside(kernel_calls, bidirectional):
+    """Lightning validates under torch.inference_mode: its traces are inference tensors, and a later call outside
+    inference mode must not try to write into them (or into their reused buffers)."""
+    ours = model(bidirectional=bidirectional, seed=15)
+    x = torch.randn(4, 6, 3)
+    chunked(ours, 4)
+    _, _, ref_trace = reference_lstm(ours, x)
+    for mode in (torch.inference_mode, torch.no_grad, torch.inference_mode, torch.no_grad):
+        with mode():
+            out, _, trace = ours(x, return_gates=True)
+        assert trace.cell.is_inference() == (mode is torch.inference_mode)
+        assert_trace_close(trace, ref_trace)
+        del out, trace
+    assert len(kernel_calls) == 4 * (4 if bidirectional else 1)  # 2 directions x 2 calls of 3 steps
 
 
 @pytest.mark.parametrize("case", ["float64", "proj_size", "packed", "autocast", "lengths_with_graph"])
@@ -175,3 +319,28 @@ def test_recovery_path_where_the_kernel_does_not_apply(kernel_calls, case):
             result = ours(x, return_gates=True)
     assert kernel_calls == []
     assert result[2].reconstruction_error < (3e-2 if case == "autocast" else 1e-5)
+
+
+def _speed_benchmark(monkeypatch):
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")  # the benchmark sets it at import: keep it out of later tests
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "lstm_speed.py"
+    spec = importlib.util.spec_from_file_location("lstm_speed", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"bidirectional": True}, {"proj_size": 2},
+                                    {"num_layers": 2, "bidirectional": True, "bias": False}])
+def test_the_speed_benchmarks_per_step_loop_is_the_reference(monkeypatch, kwargs):
+    """benchmarks/lstm_speed.py times its own per-step loop (written as torch's LSTMCell steps): it must record
+    what the reference cell records."""
+    loop = _speed_benchmark(monkeypatch).per_step_loop
+    ours = model(seed=14, **kwargs)
+    x = torch.randn(4, 7, 3)
+    with torch.no_grad():
+        out, trace = loop(ours, x)
+        ref_out, _, ref_trace = reference_lstm(ours, x)
+    torch.testing.assert_close(out, ref_out, atol=1e-6, rtol=0)
+    for name in NAMES:
+        torch.testing.assert_close(trace[name], getattr(ref_trace, name), atol=1e-6, rtol=0, msg=name)
