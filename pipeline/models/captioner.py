@@ -1,7 +1,8 @@
 """one_to_many from an image: a picture in, a sentence out (captions: an emoji -> its CLDR name).
 
 The melody model's decoder (embedding -> GateLSTM -> head over the words), conditioned on an
-image instead of a seed token: a convolutional `ImageEncoder` maps the image to features that set
+image instead of a seed token: a `PixelPCAEncoder` (the image's whitened principal components, fitted on the
+training images when fitting starts, then linear -> ReLU) maps the image to features that set
 the decoder's initial state (h_0, c_0) of every layer and are read again beside every word
 ("par-inject"; Show and Tell feeds them once, as the first input). With the initial state alone the
 decoder learned the caption language and ignored the image: every held-out emoji got the same caption.
@@ -26,12 +27,13 @@ from torch import Tensor, nn
 
 from pipeline.models.base import core, masked_cross_entropy
 from pipeline.models.beam import beam_search
-from pipeline.models.encoders import ImageEncoder
+from pipeline.models.encoders import PixelPCAEncoder
 from pipeline.models.one_to_many import EOS, OneToMany, OneToManyTopology, one_thread
 
 PAD, UNK = 0, 2  # prepared caption vocabularies: 0 <pad>, 1 <eos>, 2 <unk>
 MAX_WORDS = 12  # a caption's length limit (the longest CLDR name has 8 words)
 BEAM_SIZE = 1  # hypotheses kept while decoding: 1 is greedy (chosen on val BLEU-2; see the module docstring)
+PCA_COMPONENTS = 32  # the image encoder's principal components (chosen on val BLEU-2: 16, 24, 32, 64, 128 tried)
 LENGTH_PENALTY = 0.0  # beam ranking: log-probability / length ** LENGTH_PENALTY (no effect at BEAM_SIZE 1)
 
 
@@ -42,10 +44,27 @@ class ImageCaptioner(OneToMany):
         super().__init__(vocab, dims, model, train)  # embed, head over vocab["tokens"]
         height, width, channels = vocab["image_shape"]
         cfg = self.model_cfg
-        self.encoder = ImageEncoder(channels, height, width, cfg.embedding_dim, mean=vocab.get("pixel_mean"),
-                                    std=vocab.get("pixel_std"))
+        self.encoder = PixelPCAEncoder(channels, height, width, cfg.embedding_dim, components=PCA_COMPONENTS)
         self.lstm = core(2 * cfg.embedding_dim, cfg)  # each step reads [word embedding, image features]
         self.bridge = nn.Linear(cfg.embedding_dim, 2 * cfg.num_layers * cfg.hidden_size)  # -> (h_0, c_0) per layer
+
+    def on_fit_start(self) -> None:
+        # Training runs on one intra-op thread, as generation does (one_to_many.one_thread): batches of 32
+        # captions of a few words are too small for a second thread to pay. On the shared 2-core machine
+        # train@captions took 95.8 s of CPU on 2 threads and 13.9 s on 1; and the run no longer depends on the
+        # machine's thread count (2 threads picked epoch 8 and scored test BLEU-2 0.035, 1 thread epoch 9, 0.040).
+        self._threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        dm = self.trainer.datamodule
+        if dm is not None and not bool(self.encoder.basis.any()):  # a resumed run has its components already
+            self.fit_encoder(torch.as_tensor(dm.split("train")["image"]))
+
+    def fit_encoder(self, images: Tensor) -> None:
+        """Fit the image encoder's principal components on (N, H, W, C) training images (before training)."""
+        self.encoder.fit(images.permute(0, 3, 1, 2))
+
+    def on_fit_end(self) -> None:
+        torch.set_num_threads(getattr(self, "_threads", torch.get_num_threads()))
 
     def encode(self, images: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """(B, H, W, C) pixels -> (image features (B, embedding_dim), (h_0, c_0) each (num_layers, B, hidden))."""
