@@ -388,6 +388,14 @@ def test_prepare_train_evaluate_tiny(tmp_path, monkeypatch):
         prepare(task, params, tmp_path / "data")
         train(task, params, **roots, ckpt_root=tmp_path / "ckpt", track=False, root=tmp_path)
         evaluate(task, params, **roots, **out, track=False, root=tmp_path)
+    # train fitted the encoder's principal components on the training split (on_fit_start), and saved them
+    from pipeline.models.encoders import PixelPCAEncoder
+    from pipeline.models.saved import load_trained
+
+    model, _ = load_trained(tmp_path / "models" / "captions")
+    reference = PixelPCAEncoder(3, 16, 16, 8, components=model.encoder.components)
+    reference.fit(torch.as_tensor(np.load(tmp_path / "data/captions/train.npz")["image"]).permute(0, 3, 1, 2))
+    assert model.encoder.basis.any() and torch.equal(model.encoder.basis, reference.basis)
     captions_metrics = json.loads((tmp_path / "metrics" / "captions.json").read_text())
     assert list(captions_metrics)[0] == "bleu" and set(captions_metrics["baseline"]) >= {"bleu", "bleu_1"}
     rows = [line.split("\t") for line in (tmp_path / "samples/captions/captions.tsv").read_text().splitlines()[1:]]
