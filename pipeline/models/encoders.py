@@ -1,8 +1,9 @@
 """Image encoders that turn pictures into the vectors a GateLSTM reads or starts from.
 
 `ImageEncoder`: a small convolutional encoder (two stride-2 3x3 convolutions, ReLU, a linear
-layer), for one image (captions: the decoder's initial state) or every frame of a clip
-(video: one LSTM step per frame, via `FrameEncoder`). Pixels may come as uint8 (0..255) or as
+layer), for every frame of a clip (video: one LSTM step per frame, via `FrameEncoder`) or one image.
+`PixelPCAEncoder`: an image's whitened principal components (fitted on training images), then a linear
+layer (captions: the decoder's initial state and per-step input). Pixels may come as uint8 (0..255) or as
 floats already in [0, 1]; uint8 is scaled here, so prepared data and served inputs stay uint8.
 """
 
