@@ -53,7 +53,7 @@ def repro(cwd: Path, env: dict) -> tuple[list[tuple[str, float]], float, float, 
     output = "".join(lines)
     if code:
         sys.exit(f"dvc repro failed ({code}):\n{output[-3000:]}")
-    ends = [t for _, t in marks[1:]] + [end]
+    ends = [t for _, t in marks[1:]] + [end] * bool(marks)  # a no-op run has no stage
     rows = [(name, stop - begun) for (name, begun), stop in zip(marks, ends, strict=True)]
     return rows, end - start, children_cpu() - cpu, output
 
