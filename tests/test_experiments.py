@@ -136,7 +136,7 @@ def repo(tmp_path_factory):
     subprocess.run(["git", "init", "-q", "-b", "main", str(root)], check=True)
     commit(root, "tiny params")
     ran = stages_run(dvc(root, "repro"))
-    assert set(ran) == {f"{s}@{t}" for s in ("sources", "prepare", "train", "evaluate", "explore") for t in TASKS} | {
+    assert set(ran) == {f"{s}@{t}" for s in ("sources", "prepare", "train", "evaluate") for t in TASKS} | {
         "register", "longrange"}
     commit(root, "dvc repro: dvc.lock, metrics and plot data")
     assert subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout == ""
