@@ -48,8 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     given = explore.add_mutually_exclusive_group()
     given.add_argument("--text", default=None, help="your input: text (charlm, sentiment, translation) or notes "
                        "such as 'C5|1.0 D5|0.5' (melody) (default: none, the stage's held-out samples)")
-    given.add_argument("--file", nargs="+", default=None, help="your input: .npy files as `predict` takes them "
-                       "(digits, gesture, activity) (default: none, the stage's held-out samples)")
+    given.add_argument("--file", nargs="+", default=None, help="your input: files as `predict` takes them: .npy "
+                       "(digits, gesture, activity), PNG/JPEG images (captions) (default: none, the stage's "
+                       "held-out samples)")
     given.add_argument("--index", nargs="+", type=int, default=None, help="held-out samples by index (charlm: "
                        "a character offset into the held-out text) (default: the stage's choice)")
     explore.add_argument("--out", default=None, help="where the page goes (default: explorer/<task>.html with no "

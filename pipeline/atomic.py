@@ -39,3 +39,27 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
                 shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful swap
+
+
+def check_file_targets(*paths: str | Path) -> None:
+    """Before a stage computes anything: each output file's path is free or a file (PipelineError naming the
+    first that is a folder), so a run cannot fail at its last step with half of its outputs written."""
+    for path in map(Path, paths):
+        if path.is_dir():
+            raise PipelineError(f"{path} is a folder: the output file cannot be written there")
+
+
+def write_file_atomic(path: str | Path, data: str | bytes) -> None:
+    """Write `path` whole or not at all: a temporary sibling renamed into place, removed if anything fails."""
+    path = Path(path)
+    check_file_targets(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data, encoding="utf-8")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)

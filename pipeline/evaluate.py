@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.atomic import atomic_dir
+from pipeline.atomic import atomic_dir, check_file_targets, write_file_atomic
 from pipeline.config import Params, PipelineError
 from pipeline.tasks import Task, get_task
 
@@ -69,6 +69,12 @@ def evaluate(task_name: str, params: Params, *, data_root: Path = DATA_ROOT, mod
     metrics_file = metrics_root / f"{task_name}.json"
     figures_dir, samples_dir = figures_root / task_name, samples_root / task_name
     plot_files = {kind: plots_root / kind / f"{task_name}.json" for kind in PLOT_KINDS}
+    # what could stop the run at its end is checked before anything is computed or written
+    check_file_targets(metrics_file, *plot_files.values())
+    if track and info.get("mlflow_run_id"):
+        from pipeline import tracking
+
+        tracking.check_run(params, info["mlflow_run_id"], root)
     # figures and samples swap in together, only once everything is computed; then the plot data; the metrics last
     with tempfile.TemporaryDirectory() as staging, atomic_dir(figures_dir) as tmp_figures, \
             atomic_dir(samples_dir) as tmp_samples:
@@ -97,8 +103,8 @@ def evaluate(task_name: str, params: Params, *, data_root: Path = DATA_ROOT, mod
         plot_texts = {kind: (tmp_plots / f"{kind}.json").read_text() if (tmp_plots / f"{kind}.json").exists()
                       else "[]" for kind in PLOT_KINDS}  # no confusion for a generator: an empty plot
     for kind, path in plot_files.items():
-        _write_atomic(path, plot_texts[kind])
-    _write_atomic(metrics_file, json.dumps(result, indent=1) + "\n")
+        write_file_atomic(path, plot_texts[kind])
+    write_file_atomic(metrics_file, json.dumps(result, indent=1) + "\n")
     if track and info.get("mlflow_run_id"):
         from pipeline import tracking
 
@@ -119,13 +125,7 @@ def stage(task_name: str, params: Params) -> str:
     """`python -m pipeline evaluate <task>`: `evaluate`, then the explorer page and probes (`pipeline.explore`),
     each logged to the task's MLflow run. Each output is written atomically; a failure exits non-zero, so DVC
     records nothing and reruns the stage."""
-    from pipeline.explore import explore
+    from pipeline.explore import PAGES_ROOT, PROBES_ROOT, explore
 
+    check_file_targets(PAGES_ROOT / f"{task_name}.html", PROBES_ROOT / f"{task_name}.json")  # before the metrics
     return evaluate(task_name, params) + "\n" + explore(task_name, params)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

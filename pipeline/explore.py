@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.atomic import check_file_targets, write_file_atomic
 from pipeline.batch import BOS, EOS, SEQUENCE_EOS, SEQUENCE_SPECIALS, UNK
 from pipeline.config import Params, PipelineError
 from pipeline.datasets.prepared import load_split
@@ -389,6 +390,7 @@ class CaptionsExplorer(MelodyExplorer):
             images = caption_inputs({"image": list(files)}, model.vocab["image_shape"])
         except InputError as err:
             raise PipelineError(f"--file: {err}") from None
+        self.files = [Path(f).name for f in files]  # the sample titles name them
         lookup = {w: i for i, w in enumerate(self.vocab(model))}
         rows = [[lookup[w] for w in said.split()] + [SEQUENCE_EOS] for said in generate_captions(model, images)]
         tokens = np.zeros((len(rows), max(map(len, rows))), dtype=np.int64)
@@ -411,10 +413,12 @@ class CaptionsExplorer(MelodyExplorer):
         for b, n in enumerate(lengths.tolist()):
             if "words" in arrays and "words" in model.vocab:  # the true caption in full (<unk> words too)
                 truth = " ".join(model.vocab["words"][j] for j in arrays["words"][b].tolist() if j)
-            else:  # the user's image: the caption read back is the model's own
-                truth = " ".join(names[i] for i in targets[b, : n - 1].tolist())
+                title = f"image {b}: \"{truth}\" · the model says \"{said[b]}\""
+            else:  # the user's picture: no true caption; the words read back are the model's own
+                files = getattr(self, "files", [])
+                title = f"{files[b] if b < len(files) else f'image {b}'}: the model says \"{said[b]}\""
             out.append(Sample(
-                title=f"image {b}: \"{truth}\" · the model says \"{said[b]}\"",
+                title=title,
                 labels=[names[i] for i in inputs[b, :n].tolist()], picture=arrays["image"][b],
                 gates={c: v[b, :n] for c, v in gates.items()}, top_ids=ids[b, :n], top_p=p[b, :n],
                 actual=[names[i] for i in targets[b, :n].tolist()],
@@ -922,12 +926,8 @@ def render(page: Page) -> str:
 
 def write_page(page: Page, out: str | Path) -> int:
     """Write the page atomically (a temporary sibling renamed into place); returns its size in bytes."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     html = render(page).encode("utf-8")
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_bytes(html)
-    tmp.replace(out)
+    write_file_atomic(out, html)
     return len(html)
 
 
@@ -970,12 +970,20 @@ def explore(task_name: str, params: Params, *, text: str | None = None, files: l
     train = lambda: load_split(data_root / task_name, "train")  # noqa: E731  (read only by explorers that use it)
     explorer = explorer_for(task.topology)
     user = text is not None or bool(files) or index is not None
+    page_file = Path(out) if out else Path(f"explore-{task_name}.html") if user else pages_root / f"{task_name}.html"
+    probes_file = probes_root / f"{task_name}.json"
+    # what could stop the run at its end is checked before anything is computed or written
+    check_file_targets(page_file, *([] if user else [probes_file]))
+    if not user and track and info.get("mlflow_run_id"):
+        from pipeline.tracking import check_run
+
+        check_run(params, info["mlflow_run_id"], root)
     with torch.no_grad():
         if user:
             arrays = explorer.user_input(model, split, text, files, index)
             page = build_page(task_name, task.topology_name, model, explorer, arrays)
-            size = write_page(page, out or f"explore-{task_name}.html")
-            return f"{task_name}: {out or f'explore-{task_name}.html'} ({size / 1024:.0f} KiB)"
+            size = write_page(page, page_file)
+            return f"{task_name}: {page_file} ({size / 1024:.0f} KiB)"
         probes = probe_correlations(explorer, model, split, train)
         control = probe_correlations(explorer, untrained_like(model, params.seed), split, train)
         metrics = {name: {"corr": round(v["corr"], 4), "unit": v["unit"],
@@ -984,13 +992,8 @@ def explore(task_name: str, params: Params, *, text: str | None = None, files: l
         metrics = {k: {kk: vv for kk, vv in v.items() if vv is not None} for k, v in metrics.items()}
         page = build_page(task_name, task.topology_name, model, explorer, explorer.default_input(model, split),
                           about={"probes": metrics, "split": task.eval_split})
-    page_file = Path(out) if out else pages_root / f"{task_name}.html"
     size = write_page(page, page_file)
-    probes_file = probes_root / f"{task_name}.json"
-    probes_root.mkdir(parents=True, exist_ok=True)
-    tmp = probes_file.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"probe": metrics}, indent=1) + "\n")
-    tmp.replace(probes_file)
+    write_file_atomic(probes_file, json.dumps({"probe": metrics}, indent=1) + "\n")
     if track and info.get("mlflow_run_id"):
         log_explorer(params, info["mlflow_run_id"], metrics, page_file, probes_file, root=root)
     best = ", ".join(f"{k} r={v['corr']:+.2f} (unit {page.units[v['unit']]})" for k, v in metrics.items())

@@ -74,8 +74,11 @@ class GateTrace:
     they are then.
 
     Memory: the tensors may be views into a larger buffer (GateLSTM's traced forward with one
-    layer and direction on CPU: the kernel's workspace, and `hidden` shares the output's memory).
-    Clone what you keep for long, and before modifying the output or the trace in place.
+    layer and direction on CPU: the kernel's workspace), and with one layer `hidden` shares the
+    output's memory, whatever the direction or length: an in-place change of the output (`out.relu_()`)
+    changes `hidden` too, and `reconstruction_error` then reports the change. Clone what you keep for
+    long, and before modifying the output or the trace in place. Pickling (and `torch.save`) stores each
+    tensor's own elements, not the buffer behind it.
     """
 
     input_gate: Tensor | None
@@ -93,8 +96,10 @@ class GateTrace:
     def __post_init__(self, reconstruction_error):
         self._error = reconstruction_error
 
-    def __getstate__(self):  # pickle and copy the number, not the function that computes it
-        return {**self.__dict__, "_error": self.reconstruction_error}
+    def __getstate__(self):  # pickle and copy the number, not the function that computes it; and each tensor's own
+        # elements: a view pickles its whole storage (the kernel's workspace, several times the trace)
+        state = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()}
+        return {**state, "_error": self.reconstruction_error}
 
     def items(self):
         """(name, tensor) for every recorded activation."""
@@ -663,6 +668,9 @@ class _Traced:
 
     def _run(self, input, hx, lengths, return_gates):
         """Checks, then either the plain torch forward or the traced layer-by-layer pass."""
+        if return_gates and isinstance(input, Tensor) and input.dim() == 3 and \
+                input.shape[0 if self.batch_first else 1] == 0:
+            raise ValueError("return_gates=True needs at least one sequence: the batch is empty")
         x = input if lengths is None else self._pack_lengths(input, lengths)
         layered = return_gates or self._custom_dropout()
         data, batch_sizes, sorted_hx, hx3, is_batched = self._prepare(x, hx, need_state=layered)

@@ -197,6 +197,24 @@ def experiment_id(params: Params, root: Path | None = None) -> str:
         raise PipelineError(f"MLflow tracking store {uri} is unreachable or unwritable: {first_line(err)}") from None
 
 
+def check_run(params: Params, run_id: str, root: Path | None = None) -> None:
+    """The store answers (in seconds, not MLflow's minutes of retries) and holds `run_id`, the training run a
+    model's evaluation logs into: PipelineError in one line otherwise. A missing sqlite file is not created."""
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(params, root)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise PipelineError(f"MLflow tracking store {uri} does not exist, so it cannot hold this model's training "
+                            f"run {run_id}: use the store the model was trained with (tracking.uri or "
+                            "MLFLOW_TRACKING_URI), or train it again")
+    try:
+        with _fail_fast():
+            MlflowClient(uri).get_run(run_id)
+    except Exception as err:  # MLflow raises many kinds; the user needs the first line
+        raise PipelineError(f"MLflow tracking store {uri}: cannot read this model's training run {run_id}: "
+                            f"{first_line(err)}") from None
+
+
 def _git(root: Path | None, *args: str) -> str | None:
     """`git <args>`'s output in `root`, or None where git, the repo or the object is missing."""
     try:

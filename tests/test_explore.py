@@ -199,6 +199,15 @@ def test_the_stage_writes_the_page_and_the_probe_numbers(tmp_path):
         with pytest.raises(PipelineError, match=re.escape(message)):
             ex.explore("charlm", params, out=target, **bad, **kw)
         assert not target.exists()
+    # an output path that is a folder: refused before any work, nothing left beside it
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(PipelineError, match="is a folder"):
+        ex.explore("charlm", params, text="ALL.", out=tmp_path / "explorer", **kw)
+    (tmp_path / "probes" / "charlm.json").unlink()
+    (tmp_path / "probes" / "charlm.json").mkdir()
+    with pytest.raises(PipelineError, match="charlm.json is a folder"):
+        ex.explore("charlm", params, **kw)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and not list(tmp_path.glob("**/*.tmp"))
 
 
 def test_cli_takes_one_kind_of_input(capsys):

@@ -257,6 +257,33 @@ def test_reconstruction_error_is_computed_when_read(kernel_calls):
         assert ours(x, return_gates=True)[2].reconstruction_error != 0.0
 
 
+def test_a_pickled_trace_holds_its_own_elements_not_the_workspace(kernel_calls):
+    """The trace's tensors are views into the kernel's workspace (several times their size); pickling and
+    torch.save store their elements only, and they come back equal."""
+    import io
+
+    ours = model(seed=13)
+    with torch.no_grad():
+        _, _, trace = ours(torch.randn(3, 8, 3), return_gates=True)
+    own = sum(t.numel() * t.element_size() for _, t in trace.items()) + trace.mask.numel() * trace.mask.element_size()
+    assert trace.cell.untyped_storage().nbytes() > trace.cell.numel() * 4  # a view into something bigger
+    saved = io.BytesIO()
+    torch.save(trace, saved)
+    for blob in (pickle.dumps(trace), saved.getvalue()):
+        assert len(blob) < own + 20_000
+    again = torch.load(io.BytesIO(saved.getvalue()), weights_only=False)
+    for name, tensor in trace.items():
+        assert torch.equal(getattr(again, name), tensor), name
+
+
+def test_an_empty_batch_has_no_trace_but_runs_as_nn_lstm():
+    ours = model(seed=14)
+    x = torch.randn(0, 8, 3)
+    assert ours(x)[0].shape == (0, 8, ours.hidden_size)
+    with pytest.raises(ValueError, match="the batch is empty"):
+        ours(x, return_gates=True)
+
+
 def test_copied_traces_reuse_buffers_only_when_dropped(kernel_calls, monkeypatch):
     """Where the trace is copied out, the next call reuses the last call's buffers, but only those nothing refers
     to any more: a trace, an output or a single view still held is never overwritten."""

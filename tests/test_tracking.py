@@ -529,6 +529,35 @@ def test_unusable_store_fails_fast_in_one_line(uri):
     assert os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES") == retries  # the fail-fast settings are put back
 
 
+@pytest.mark.parametrize("kind", ["dead server", "missing file", "another store"])
+def test_evaluation_checks_the_store_and_run_before_writing_anything(store, tmp_path, monkeypatch, kind):
+    """`python -m pipeline evaluate` logs into the model's training run: a store that is down, absent or without
+    that run stops it in seconds, in one line, before a metric, plot, page or probe file is written (and an
+    absent sqlite file is not created)."""
+    from pipeline.evaluate import stage
+
+    if kind == "another store":
+        other = f"sqlite:///{tmp_path}/other.db"
+        tracking.experiment_id(parse_params({"tracking": {"uri": other}}))  # a real store, without the run
+    uri = {"dead server": "http://127.0.0.1:9", "missing file": f"sqlite:///{tmp_path}/absent/mlflow.db",
+           "another store": f"sqlite:///{tmp_path}/other.db"}[kind]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "prepared").symlink_to(store.data)  # the stage's default roots, relative to the cwd
+    (tmp_path / "models").symlink_to(store.models)
+    run_id = info(store.models, "digits")["mlflow_run_id"]
+    start = time.monotonic()
+    with pytest.raises(PipelineError) as err:
+        stage("digits", store.params)
+    assert time.monotonic() - start < 30
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"MLflow tracking store {uri}") and run_id in message
+    written = [p.name for p in tmp_path.iterdir() if p.name not in ("data", "models", "other.db")]
+    assert written == [], written  # no metrics/, plots/, figures/, samples/, explorer/, probes/
+    assert not (tmp_path / "absent").exists()
+
+
 def test_env_uri_wins_but_mlflow_does_not_leak_one(store, registered, tmp_path, monkeypatch):
     import mlflow
 

@@ -315,6 +315,16 @@ def test_caption_inputs_take_paths_bytes_base64_and_arrays(tmp_path):
         caption_inputs(np.zeros((2, 8, 8, 3)), [16, 16, 3])
     with pytest.raises(InputError, match="0..255"):
         caption_inputs(np.full((1, 16, 16, 3), 300.0), [16, 16, 3])
+    # no rows and no columns ({"dataframe_records": []}): nothing to caption; columns but none right: named
+    assert caption_inputs(pd.DataFrame(), [16, 16, 3]).shape == (0, 16, 16, 3)
+    with pytest.raises(InputError, match="got columns 'picture'"):
+        caption_inputs(pd.DataFrame({"picture": []}), [16, 16, 3])
+    # a small file that decodes to more pixels than Pillow's limit (a decompression bomb): one line, row named
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (Image.MAX_IMAGE_PIXELS // 1000, 2001)).save(bomb)
+    assert bomb.stat().st_size < 200_000
+    with pytest.raises(InputError, match="row 0, column 'image': .*decompression bombs"):
+        caption_inputs({"image": [bomb.read_bytes()]}, [16, 16, 3])
 
 
 def test_clip_inputs():

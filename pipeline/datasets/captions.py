@@ -103,6 +103,10 @@ def load_image(value, size: int) -> np.ndarray:
     try:
         im = Image.open(io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else value)
         im.load()
+    except Image.DecompressionBombError:  # a small file that decodes to gigabytes: refused before decoding
+        what = "the bytes" if isinstance(value, (bytes, bytearray)) else repr(str(value))
+        raise PipelineError(f"{what}: an image of more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels (Pillow's limit "
+                            "against decompression bombs)") from None
     except (OSError, UnidentifiedImageError, ValueError) as err:
         what = "the bytes" if isinstance(value, (bytes, bytearray)) else repr(str(value))
         raise PipelineError(f"{what}: not an image Pillow can read ({type(err).__name__})") from None

@@ -189,9 +189,11 @@ def caption_inputs(model_input, image_shape) -> np.ndarray:
     if isinstance(model_input, dict):
         model_input = pd.DataFrame(model_input)
     if isinstance(model_input, pd.DataFrame):
+        if model_input.shape == (0, 0):  # no rows and so no columns ({"dataframe_records": []}): nothing to caption
+            return np.zeros((0, height, width, channels), dtype=np.uint8)
         if list(model_input.columns) != ["image"]:
-            raise InputError(f"expected one column 'image' (file path, bytes or base64 per row); got columns "
-                             f"{', '.join(map(repr, map(str, model_input.columns)))}")
+            got = ", ".join(map(repr, map(str, model_input.columns))) or "none"
+            raise InputError(f"expected one column 'image' (file path, bytes or base64 per row); got columns {got}")
         model_input = model_input["image"].tolist()
     if isinstance(model_input, np.ndarray) and model_input.dtype != object:
         x = model_input[None] if model_input.shape == (height, width, channels) else model_input
