@@ -386,8 +386,11 @@ class CaptionsExplorer(MelodyExplorer):
         from pipeline.models.vision import caption_inputs, generate_captions
         from pipeline.serving_inputs import InputError
 
+        for name in files:
+            if not Path(name).is_file():
+                raise PipelineError(f"--file: {name}: {'a folder' if Path(name).is_dir() else 'no such file'}")
         try:
-            images = caption_inputs({"image": list(files)}, model.vocab["image_shape"])
+            images = caption_inputs({"image": list(files)}, model.vocab["image_shape"], paths=True)
         except InputError as err:
             raise PipelineError(f"--file: {err}") from None
         self.files = [Path(f).name for f in files]  # the sample titles name them

@@ -304,11 +304,15 @@ def test_caption_inputs_take_paths_bytes_base64_and_arrays(tmp_path):
     raw = path.read_bytes()
     import pandas as pd
 
-    got = caption_inputs(pd.DataFrame({"image": [str(path), raw, base64.b64encode(raw).decode()]}), [16, 16, 3])
+    got = caption_inputs(pd.DataFrame({"image": [str(path), raw, base64.b64encode(raw).decode()]}), [16, 16, 3],
+                         paths=True)
     assert got.shape == (3, 16, 16, 3) and (got == image).all()
     assert np.array_equal(caption_inputs(image, [16, 16, 3]), image[None])
     with pytest.raises(InputError, match="row 1, column 'image'"):
-        caption_inputs({"image": [str(path), "no such file or base64!"]}, [16, 16, 3])
+        caption_inputs({"image": [str(path), "no such file or base64!"]}, [16, 16, 3], paths=True)
+    # the served model (paths off) opens no path: a client cannot make the server read its files
+    with pytest.raises(InputError, match="row 0, column 'image': not base64-encoded image bytes .*reads no file"):
+        caption_inputs({"image": [str(path)]}, [16, 16, 3])
     with pytest.raises(InputError, match="one column 'image'"):
         caption_inputs(pd.DataFrame({"picture": [str(path)]}), [16, 16, 3])
     with pytest.raises(InputError, match="shape"):
@@ -362,7 +366,7 @@ def test_pyfunc_answers_images_and_clips(tmp_path):
     assert served["captions"].topology.key_metric == "bleu" and served["video"].topology.model_class is FrameLabeller
     path = tmp_path / "x.png"
     Image.fromarray(built_captions().splits["test"]["image"][0]).save(path)
-    out = served["captions"].predict(None, {"image": [str(path)]})
+    out = served["captions"].predict(None, {"image": [path.read_bytes()]})
     assert list(out.columns) == ["caption"] and isinstance(out["caption"][0], str)
     assert set(out["caption"][0].split()) <= set(built_captions().vocab["tokens"][3:])
     clips = built_video().splits["test"]["x"][:2]
@@ -452,6 +456,10 @@ def test_prepare_train_evaluate_tiny(tmp_path, monkeypatch):
             track=False, root=tmp_path)
     header, _ = read_page(tmp_path / "mine.html")
     assert header["samples"][0]["labels"] == ["<eos>", *said[1].split()]
+    for name, what in ((tmp_path / "absent.png", "no such file"), (tmp_path / "models", "a folder")):
+        with pytest.raises(PipelineError, match=f"--file: {name}: {what}"):
+            explore("captions", params, files=[str(name)], out=tmp_path / "bad.html", **roots, track=False,
+                    root=tmp_path)
     with pytest.raises(PipelineError, match="--file: row 0"):
         explore("captions", params, files=[str(tmp_path / "metrics" / "captions.json")], out=tmp_path / "bad.html",
                 **roots, track=False, root=tmp_path)

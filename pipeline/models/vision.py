@@ -158,16 +158,19 @@ def _is_file(text: str) -> bool:
         return False
 
 
-def _one_image(value, where: str, size: int) -> np.ndarray:
+def _one_image(value, where: str, size: int, paths: bool = False) -> np.ndarray:
     from pipeline.config import PipelineError
     from pipeline.datasets.captions import load_image
     from pipeline.serving_inputs import InputError
 
-    if isinstance(value, str) and not _is_file(value):
+    if isinstance(value, str) and not (paths and _is_file(value)):
         try:  # JSON carries no bytes: a base64 string stands for the file's bytes
             value = base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
-            raise InputError(f"{where}: neither an image file's path nor base64-encoded image bytes") from None
+            if paths:
+                raise InputError(f"{where}: neither an image file's path nor base64-encoded image bytes") from None
+            raise InputError(f"{where}: not base64-encoded image bytes (the model reads no file paths: send the "
+                             "file's bytes, or base64 text of them)") from None
     if not isinstance(value, (str, bytes, bytearray)):
         raise InputError(f"{where}: expected an image file's path, its bytes or base64 text; "
                          f"got {type(value).__name__}")
@@ -177,10 +180,12 @@ def _one_image(value, where: str, size: int) -> np.ndarray:
         raise InputError(f"{where}: {err}") from None
 
 
-def caption_inputs(model_input, image_shape) -> np.ndarray:
+def caption_inputs(model_input, image_shape, paths: bool = False) -> np.ndarray:
     """(N, H, W, 3) uint8 images from: a DataFrame (or dict) with a column `image` holding, per row, a PNG/JPEG
-    file path, the file's bytes or base64 text of them; a list of such values; or an array (N, H, W, 3) of
-    0..255 pixels (one image (H, W, 3) too). InputError (one line, naming the row) otherwise."""
+    file's bytes or base64 text of them (with `paths`, also a file's path: the CLI and the explorer, which read
+    the user's own files; never the served model, which would open paths on the server for any client); a list of
+    such values; or an array (N, H, W, 3) of 0..255 pixels (one image (H, W, 3) too). InputError (one line,
+    naming the row) otherwise."""
     import pandas as pd
 
     from pipeline.serving_inputs import InputError, at
@@ -193,7 +198,7 @@ def caption_inputs(model_input, image_shape) -> np.ndarray:
             return np.zeros((0, height, width, channels), dtype=np.uint8)
         if list(model_input.columns) != ["image"]:
             got = ", ".join(map(repr, map(str, model_input.columns))) or "none"
-            raise InputError(f"expected one column 'image' (file path, bytes or base64 per row); got columns {got}")
+            raise InputError(f"expected one column 'image' (image bytes or base64 text per row); got columns {got}")
         model_input = model_input["image"].tolist()
     if isinstance(model_input, np.ndarray) and model_input.dtype != object:
         x = model_input[None] if model_input.shape == (height, width, channels) else model_input
@@ -206,11 +211,11 @@ def caption_inputs(model_input, image_shape) -> np.ndarray:
     if isinstance(model_input, (str, bytes)):
         model_input = [model_input]
     if not isinstance(model_input, (list, tuple, np.ndarray)):
-        raise InputError(f"expected images: a column 'image' of file paths, bytes or base64 text, or an array "
+        raise InputError(f"expected images: a column 'image' of images' bytes or base64 text, or an array "
                          f"(N, {height}, {width}, {channels}); got {type(model_input).__name__}")
     out = np.zeros((len(model_input), height, width, channels), dtype=np.uint8)
     for i, value in enumerate(model_input):
-        out[i] = _one_image(value, at(i, "image"), height)
+        out[i] = _one_image(value, at(i, "image"), height, paths)
     return out
 
 
