@@ -389,8 +389,8 @@ class CaptionsExplorer(MelodyExplorer):
         for name in files:
             if not Path(name).is_file():
                 raise PipelineError(f"--file: {name}: {'a folder' if Path(name).is_dir() else 'no such file'}")
-        try:
-            images = caption_inputs({"image": list(files)}, model.vocab["image_shape"], paths=True)
+        try:  # the files' bytes, as `predict captions` sends them (the model itself opens no path)
+            images = caption_inputs({"image": [Path(name).read_bytes() for name in files]}, model.vocab["image_shape"])
         except InputError as err:
             raise PipelineError(f"--file: {err}") from None
         self.files = [Path(f).name for f in files]  # the sample titles name them

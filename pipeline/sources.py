@@ -185,13 +185,12 @@ def write_fingerprint(task: str, params, root: Path = SOURCES_ROOT) -> str:
     """Stage `sources@<task>`: data/sources/<task>.json, the task's topology and its source's fingerprint (the
     hashes of its reader's code and of its files). Same inputs, same bytes: DVC then sees the same hash, and
     prepare@<task> does not rerun."""
+    from pipeline.atomic import write_file_atomic
+
     section = params.task(task)
     fingerprint = {"task": task, "topology": section.topology, **resolve(section.data.source).fingerprint()}
-    root.mkdir(parents=True, exist_ok=True)
     path = root / f"{task}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(fingerprint, indent=1, sort_keys=True) + "\n")
-    tmp.replace(path)
+    write_file_atomic(path, json.dumps(fingerprint, indent=1, sort_keys=True) + "\n")
     files = fingerprint.get("files")
     what = (f"{len(files)} file(s) under {fingerprint['path']}" if files else
             f"missing: {fingerprint['path']}" if "path" in fingerprint else f"built-in source {section.data.source}")

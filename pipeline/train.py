@@ -57,9 +57,9 @@ def _resume_state(ckpt_dir: Path, stamp: str, zero: bool, store: str | None) -> 
 
 def _write_resume(ckpt_dir: Path, state: dict) -> None:
     """resume.json in one rename: other ranks read it while rank 0 writes it."""
-    tmp = ckpt_dir / "resume.json.tmp"
-    tmp.write_text(json.dumps(state))
-    os.replace(tmp, ckpt_dir / "resume.json")
+    from pipeline.atomic import write_file_atomic
+
+    write_file_atomic(ckpt_dir / "resume.json", json.dumps(state))
 
 
 def _devices_count(devices) -> int | None:

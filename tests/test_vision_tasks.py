@@ -295,7 +295,7 @@ def test_baselines():
     assert nearest_captions(train, train[[2, 0]] + 1, ["zero", "one", "two"]) == ["two", "zero"]
 
 
-def test_caption_inputs_take_paths_bytes_base64_and_arrays(tmp_path):
+def test_caption_inputs_take_bytes_base64_and_arrays_never_paths(tmp_path):
     from PIL import Image
 
     image = captions.render([0x1F436], 16)[0]
@@ -304,13 +304,12 @@ def test_caption_inputs_take_paths_bytes_base64_and_arrays(tmp_path):
     raw = path.read_bytes()
     import pandas as pd
 
-    got = caption_inputs(pd.DataFrame({"image": [str(path), raw, base64.b64encode(raw).decode()]}), [16, 16, 3],
-                         paths=True)
+    got = caption_inputs(pd.DataFrame({"image": [bytearray(raw), raw, base64.b64encode(raw).decode()]}), [16, 16, 3])
     assert got.shape == (3, 16, 16, 3) and (got == image).all()
     assert np.array_equal(caption_inputs(image, [16, 16, 3]), image[None])
     with pytest.raises(InputError, match="row 1, column 'image'"):
-        caption_inputs({"image": [str(path), "no such file or base64!"]}, [16, 16, 3], paths=True)
-    # the served model (paths off) opens no path: a client cannot make the server read its files
+        caption_inputs({"image": [raw, "no such file or base64!"]}, [16, 16, 3])
+    # the model opens no path (served, a client could make the server read its files): the CLI reads them
     with pytest.raises(InputError, match="row 0, column 'image': not base64-encoded image bytes .*reads no file"):
         caption_inputs({"image": [str(path)]}, [16, 16, 3])
     with pytest.raises(InputError, match="one column 'image'"):

@@ -151,41 +151,31 @@ def draw_strip(model, dm, split: str, path: Path, clips: int = 3) -> None:
 # --- input contracts of the served models ------------------------------------------------------------------
 
 
-def _is_file(text: str) -> bool:
-    try:
-        return Path(text).is_file()
-    except (OSError, ValueError):  # too long for a path, a NUL: base64 text, not a path
-        return False
-
-
-def _one_image(value, where: str, size: int, paths: bool = False) -> np.ndarray:
+def _one_image(value, where: str, size: int) -> np.ndarray:
     from pipeline.config import PipelineError
     from pipeline.datasets.captions import load_image
     from pipeline.serving_inputs import InputError
 
-    if isinstance(value, str) and not (paths and _is_file(value)):
+    if isinstance(value, str):
         try:  # JSON carries no bytes: a base64 string stands for the file's bytes
             value = base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
-            if paths:
-                raise InputError(f"{where}: neither an image file's path nor base64-encoded image bytes") from None
             raise InputError(f"{where}: not base64-encoded image bytes (the model reads no file paths: send the "
                              "file's bytes, or base64 text of them)") from None
-    if not isinstance(value, (str, bytes, bytearray)):
-        raise InputError(f"{where}: expected an image file's path, its bytes or base64 text; "
-                         f"got {type(value).__name__}")
+    if not isinstance(value, (bytes, bytearray)):
+        raise InputError(f"{where}: expected an image file's bytes or base64 text; got {type(value).__name__}")
     try:
         return load_image(value, size)
     except PipelineError as err:
         raise InputError(f"{where}: {err}") from None
 
 
-def caption_inputs(model_input, image_shape, paths: bool = False) -> np.ndarray:
+def caption_inputs(model_input, image_shape) -> np.ndarray:
     """(N, H, W, 3) uint8 images from: a DataFrame (or dict) with a column `image` holding, per row, a PNG/JPEG
-    file's bytes or base64 text of them (with `paths`, also a file's path: the CLI and the explorer, which read
-    the user's own files; never the served model, which would open paths on the server for any client); a list of
-    such values; or an array (N, H, W, 3) of 0..255 pixels (one image (H, W, 3) too). InputError (one line,
-    naming the row) otherwise."""
+    file's bytes or base64 text of them (never a path: served, the model would open files on the server for any
+    client; the CLI and the explorer read the user's files and pass their bytes); a list of such values; or an
+    array (N, H, W, 3) of 0..255 pixels (one image (H, W, 3) too). InputError (one line, naming the row)
+    otherwise."""
     import pandas as pd
 
     from pipeline.serving_inputs import InputError, at
@@ -215,7 +205,7 @@ def caption_inputs(model_input, image_shape, paths: bool = False) -> np.ndarray:
                          f"(N, {height}, {width}, {channels}); got {type(model_input).__name__}")
     out = np.zeros((len(model_input), height, width, channels), dtype=np.uint8)
     for i, value in enumerate(model_input):
-        out[i] = _one_image(value, at(i, "image"), height, paths)
+        out[i] = _one_image(value, at(i, "image"), height)
     return out
 
 
