@@ -16,7 +16,10 @@ nn.LSTM runs oneDNN's LSTM kernel) each layer and direction runs through that ke
 form, `torch.mkldnn_rnn_layer(..., train=True)`, whose workspace holds every step's activated
 gates and cell: with one layer and direction the trace is views into that workspace (one call
 over the whole sequence, nothing copied), otherwise each call's rows are copied out
-(`_kernel_direction`, a few steps per call). Elsewhere it runs the layers one fused call at a
+(`_kernel_direction`, a few steps per call). With projections (proj_size > 0, which nn.LSTM
+runs as a per-step loop of ATen ops, oneDNN having none under torch) the kernel runs the
+equivalent LSTM over the unprojected hidden with recurrent weights W_hh W_hr, and the output is
+projected afterwards (`_projected`). Elsewhere it runs the layers one fused call at a
 time, so each layer's input (after inter-layer dropout) is known, and recovers the gates exactly
 from what the kernel returned: every h_t is known, so all pre-activations of a layer are one
 batched matrix product over all steps, and the cell is a cheap elementwise recurrence. In both,
@@ -535,9 +538,35 @@ def _kernel_direction(x: Tensor, h0: Tensor, c0: Tensor, w: list[Tensor], has_bi
     return torch.cat(outs) if len(outs) > 1 else outs[0], (h, c)
 
 
-def _trace_error(output_gate: Tensor, cell: Tensor, hidden: Tensor, mask: Tensor) -> float:
+def _projected(x: Tensor, w: list[Tensor], h0: Tensor, w_hr: Tensor, first: int) -> tuple[Tensor, list[Tensor], Tensor]:
+    """One direction of an LSTM with projections, h_t = W_hr m_t with m_t = o_t * tanh(c_t), as the kernel's LSTM
+    without them (oneDNN runs no projections under torch): W_hh h_{t-1} = (W_hh W_hr) m_{t-1}, so the kernel runs
+    with recurrent weights W_hh W_hr (4H, H) over the state m (H wide), its output is every m_t, and the
+    projection is one product over all steps afterwards. The pre-activations differ from nn.LSTM's by float
+    rounding only (the products are associated the other way).
+
+    h_0 is given projected (B, P) and has no m_0: it enters through the input instead. x_t' = [x_t, h_0] at the
+    first processed step (row `first`: 0, or T - 1 for the kernel's reverse direction) and [x_t, 0] elsewhere,
+    with W_ih' = [W_ih, W_hh], and m_0 = 0. Skipped when h_0 is zero (nothing to add).
+
+    x (T, B, I); w [w_ih, w_hh, b_ih, b_hh] with w_hh (4H, P); h0 (B, P); w_hr (P, H). Returns (x', w', m_0)
+    for `_kernel_call`; differentiable (a graph reaches W_hh, W_hr and h_0 through them)."""
+    H = w_hr.shape[1]
+    w_ih, w_hh, *biases = w
+    m0 = h0.new_zeros(h0.shape[0], H)
+    if not bool(h0.detach().ne(0).any()):
+        return x, [w_ih, (w_hh @ w_hr).contiguous(), *biases], m0
+    rows = [h0[None], h0.new_zeros(x.shape[0] - 1, *h0.shape)]
+    extra = torch.cat(rows if first == 0 else rows[::-1])
+    return (torch.cat([x, extra.to(x.dtype)], -1), [torch.cat([w_ih, w_hh], 1), (w_hh @ w_hr).contiguous(),
+                                                     *biases], m0)
+
+
+def _trace_error(output_gate: Tensor, cell: Tensor, hidden: Tensor, mask: Tensor,
+                 projections: Tensor | None = None) -> float:
     """The self-check of a finished trace: max over real steps of |o_t * tanh(c_t) - h_t|, with h_t the kernel's
-    output; output_gate, cell, hidden (E, B, T, H), mask (B, T) True on real steps. In blocks of steps, so the
+    output; output_gate, cell (E, B, T, H), hidden (E, B, T, P), mask (B, T) True on real steps, projections
+    (E, P, H) W_hr per entry when proj_size > 0 (then the left side is projected). In blocks of steps, so the
     temporaries stay small."""
     worst = 0.0
     T = mask.shape[1]
@@ -545,6 +574,8 @@ def _trace_error(output_gate: Tensor, cell: Tensor, hidden: Tensor, mask: Tensor
         for t0 in range(0, T, 16):
             span = slice(t0, t0 + 16)
             shown = cell[e, :, span].mul(2).sigmoid_().mul_(2).sub_(1).mul_(output_gate[e, :, span])  # tanh(c) o
+            if projections is not None:
+                shown = shown @ projections[e].T
             err = shown.sub_(hidden[e, :, span]).abs_()
             real = mask[:, span]
             worst = _worst(worst, err if bool(real.all()) else err[real])
@@ -809,10 +840,11 @@ class GateLSTM(_Traced, nn.LSTM):
 
     def _kernel_traceable(self, input, hx, lengths) -> bool:
         """Whether oneDNN's training kernel can run this traced forward and hand over its gates: float32 on CPU
-        with oneDNN on, no projections (nn.LSTM then has no oneDNN path either), a padded or dense input (not a
-        PackedSequence), outside torch.compile and autocast; with lengths= only without a graph and without
-        inter-layer dropout (the recovery path draws that on packed data, as the untraced pass does)."""
-        if not (_KERNEL_GATES and torch.backends.mkldnn.enabled) or self.proj_size or isinstance(input, PackedSequence):
+        with oneDNN on, a padded or dense input (not a PackedSequence), outside torch.compile and autocast; with
+        lengths= only without a graph and without inter-layer dropout (the recovery path draws that on packed
+        data, as the untraced pass does). With projections too (nn.LSTM itself has no oneDNN path for them): see
+        `_projected_weights`."""
+        if not (_KERNEL_GATES and torch.backends.mkldnn.enabled) or isinstance(input, PackedSequence):
             return False
         tensors = [input, *hx, *self._flat_weights]
         if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors) or not input.numel():
@@ -838,6 +870,7 @@ class GateLSTM(_Traced, nn.LSTM):
         x = dense.transpose(0, 1) if self.batch_first else dense
         T, B = x.shape[:2]
         D, H, L = 2 if self.bidirectional else 1, self.hidden_size, self.num_layers
+        P = self.proj_size or H
         lens = None if lengths is None else torch.as_tensor(lengths).cpu()
         if lens is not None and bool((lens == T).all()):
             lens = None  # every sequence is full length: the dense pass
@@ -853,46 +886,62 @@ class GateLSTM(_Traced, nn.LSTM):
             # is written in place, as every layer's output is without a graph)
             shared = L == 1 and not graph
             bufs = _buffers(x, gates=(L * D, T, B, 4, H), cell=(L * D, T, B, H),
-                            **({"output": (T, B, D * H)} if shared else {"hidden": (L * D, T, B, H)}))
+                            **({"output": (T, B, D * P)} if shared else {"hidden": (L * D, T, B, P)}))
             gates, cell = bufs["gates"], bufs["cell"]
-            layer_out = bufs["output"] if shared else None if graph else x.new_empty(T, B, D * H)
-            hidden = layer_out.view(T, B, D, H).permute(2, 0, 1, 3) if shared else bufs["hidden"]
-        h_n, c_n = [], []
+            layer_out = bufs["output"] if shared else None if graph else x.new_empty(T, B, D * P)
+            hidden = layer_out.view(T, B, D, P).permute(2, 0, 1, 3) if shared else bufs["hidden"]
+        h_n, c_n, projections = [], [], []
         inp = prep(x).contiguous()
         with torch.enable_grad():
             for k in range(L):
                 outs = []
                 if k and not (graph or in_place):
-                    layer_out = x.new_empty(T, B, D * H)
+                    layer_out = x.new_empty(T, B, D * P)
                 for d in range(D):
                     e = k * D + d
                     w = [prep(t).contiguous() for t in self._direction_weights(k, d)]
+                    w_hr = w.pop() if self.proj_size else None
                     if not self.bias:
                         w += [x.new_zeros(4 * H), x.new_zeros(4 * H)]
                     h0, c0 = (prep(s[e]).contiguous() for s in hx)
+                    if w_hr is not None:
+                        projections.append(w_hr.detach().clone())  # the self-check's, as the weights are now
                     if in_place:
-                        res = _kernel_call(inp, h0, c0, w, self.bias, False)
+                        src = inp
+                        if w_hr is not None:
+                            src, w, h0 = _projected(inp, w, h0, w_hr, first=0)
+                        res = _kernel_call(src, h0, c0, w, self.bias, False)
                         if res is None:
                             _KERNEL_GATES = False
                             return None
                         out, h_last, c_last, gates, cell = res
                         cell[-1].copy_(c_last)  # the kernel's last cell is in c_n only
+                        if w_hr is not None:
+                            out, h_last = F.linear(out, w_hr), F.linear(h_last, w_hr)
                         gates, cell, hidden = gates[None], cell[None], out[None]
                     else:
                         gathered = d and rev is not None  # reversed within each length, run forwards
                         src = torch.gather(inp, 0, _time_index(rev, inp)) if gathered else inp
-                        part = None if graph else layer_out[..., d * H : (d + 1) * H]
+                        if w_hr is not None:  # the kernel's first processed row: T - 1 when it runs in reverse
+                            src, w, h0 = _projected(src, w, h0, w_hr, first=T - 1 if d and not gathered else 0)
+                        part = None if graph else layer_out[..., d * P : (d + 1) * P]
+                        direct = w_hr is None  # the kernel's output is the layer's: written where it belongs
                         res = _kernel_direction(src, h0, c0, w, self.bias, d == 1, chunk, gates[e], cell[e],
-                                                None if L == 1 and part is not None else hidden[e],
-                                                rev if gathered else None, None if gathered else part)
+                                                None if not direct or (L == 1 and part is not None) else hidden[e],
+                                                rev if gathered else None, part if direct and not gathered else None)
                         if res is None:
                             _KERNEL_GATES = False
                             return None
                         out, (h_last, c_last) = res
+                        if w_hr is not None:
+                            out, h_last = F.linear(out, w_hr), F.linear(h_last, w_hr)
                         if gathered:
                             out = torch.gather(out, 0, _time_index(rev, out))  # rev is its own inverse
-                            if part is not None:
-                                part.copy_(out)
+                        if part is not None and (gathered or not direct):
+                            part.copy_(out)
+                        if not direct and not (L == 1 and part is not None):
+                            with torch.no_grad():
+                                hidden[e].copy_(out)
                     outs.append(out)
                     if lens is not None:
                         at = lens - 1 if d == 0 else torch.zeros_like(lens)
@@ -921,8 +970,9 @@ class GateLSTM(_Traced, nn.LSTM):
         if real is not None:
             for v in views:
                 v.masked_fill_(~mask[None, :, :, None], float("nan"))
+        proj = torch.stack(projections) if projections else None
         return output, state, GateTrace(*views, mask=mask, num_directions=D,
-                                        reconstruction_error=lambda: _trace_error(*views[3:], mask))
+                                        reconstruction_error=lambda: _trace_error(*views[3:], mask, proj))
 
     def _recover(self, x, h, state, w, real, order):
         w_ih, w_hh = w[:2]

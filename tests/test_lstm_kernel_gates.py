@@ -63,15 +63,22 @@ def storage(t):
     return t.untyped_storage().data_ptr()
 
 
-@pytest.mark.parametrize("layers,bidirectional,bias,views", [
-    (1, False, True, True), (1, False, False, True), (1, False, True, False), (2, False, True, False),
-    (1, True, True, False), (2, True, True, False), (2, True, False, False)])
-def test_kernel_gates_equal_the_per_step_reference(kernel_calls, monkeypatch, layers, bidirectional, bias, views):
+@pytest.mark.parametrize("layers,bidirectional,bias,views,proj", [
+    (1, False, True, True, 0), (1, False, False, True, 0), (1, False, True, False, 0), (2, False, True, False, 0),
+    (1, True, True, False, 0), (2, True, True, False, 0), (2, True, False, False, 0),
+    (1, False, True, True, 2), (1, False, False, False, 2), (2, True, True, False, 2), (1, True, False, False, 3)])
+@pytest.mark.parametrize("zero_h0", [False, True])
+def test_kernel_gates_equal_the_per_step_reference(kernel_calls, monkeypatch, layers, bidirectional, bias, views,
+                                                   proj, zero_h0):
+    """proj > 0: projections run as the kernel's LSTM with recurrent weights W_hh W_hr (`_projected`); a nonzero
+    h_0 enters through the first processed step's input, a zero one is left out."""
     monkeypatch.setattr(lstm_mod, "_TRACE_VIEWS", views)
-    ours = model(num_layers=layers, bidirectional=bidirectional, bias=bias, seed=layers)
+    ours = model(num_layers=layers, bidirectional=bidirectional, bias=bias, seed=layers, proj_size=proj)
     D = 2 if bidirectional else 1
     x = torch.randn(4, 11, 3)
-    state = (torch.randn(layers * D, 4, 5), torch.randn(layers * D, 4, 5))
+    state = (torch.randn(layers * D, 4, proj or 5), torch.randn(layers * D, 4, 5))
+    if zero_h0:
+        state[0].zero_()
     chunked(ours, 4)
     with torch.no_grad():
         out, (h_n, c_n), trace = ours(x, state, return_gates=True)
@@ -103,16 +110,17 @@ def test_a_long_sequence_is_copied_rather_than_viewed(kernel_calls, monkeypatch)
     assert_trace_close(trace, reference_lstm(ours, x)[2])
 
 
-@pytest.mark.parametrize("layers,bidirectional", [(1, False), (2, False), (2, True)])
-def test_kernel_gates_with_lengths_equal_the_recovery_path(kernel_calls, monkeypatch, layers, bidirectional):
+@pytest.mark.parametrize("layers,bidirectional,proj", [(1, False, 0), (2, False, 0), (2, True, 0), (1, False, 2),
+                                                       (2, True, 2)])
+def test_kernel_gates_with_lengths_equal_the_recovery_path(kernel_calls, monkeypatch, layers, bidirectional, proj):
     """Padded input with lengths=: the dense kernel runs over the padding (after each sequence; the reverse
     direction reads each sequence reversed within its length), and everything past a length is masked out."""
-    ours = model(num_layers=layers, bidirectional=bidirectional, seed=4)
+    ours = model(num_layers=layers, bidirectional=bidirectional, seed=4, proj_size=proj)
     D = 2 if bidirectional else 1
     x = torch.randn(4, 10, 3)
     x[3, 1:] = float("nan")  # padding may hold anything
     lengths = torch.tensor([10, 4, 7, 1])
-    state = (torch.randn(layers * D, 4, 5), torch.randn(layers * D, 4, 5))
+    state = (torch.randn(layers * D, 4, proj or 5), torch.randn(layers * D, 4, 5))
     chunked(ours, 4)
     with torch.no_grad():
         out, (h_n, c_n), trace = ours(x, state, lengths=lengths, return_gates=True)
@@ -153,22 +161,30 @@ def test_kernel_gates_unbatched_and_time_major(kernel_calls):
     assert_trace_close(trace, ref_trace)
 
 
-@pytest.mark.parametrize("layers,bidirectional,dropout", [(3, True, 0.5), (1, False, 0.0)])
-def test_kernel_gates_train_mode_gradients_and_dropout(kernel_calls, layers, bidirectional, dropout):
+@pytest.mark.parametrize("layers,bidirectional,dropout,proj", [(3, True, 0.5, 0), (1, False, 0.0, 0),
+                                                               (2, True, 0.5, 2), (1, False, 0.0, 3)])
+def test_kernel_gates_train_mode_gradients_and_dropout(kernel_calls, layers, bidirectional, dropout, proj):
     """With a graph: the output's gradients are nn.LSTM's (the workspace autograd keeps for backward is read, never
-    written), and dropout between layers draws nn.LSTM's masks."""
+    written), and dropout between layers draws nn.LSTM's masks. With projections the gradients reach W_hh, W_hr
+    and h_0 through `_projected`'s products."""
     torch.manual_seed(8)
-    ref = torch.nn.LSTM(3, 5, layers, batch_first=True, bidirectional=bidirectional, dropout=dropout)
-    ours = GateLSTM(3, 5, layers, batch_first=True, bidirectional=bidirectional, dropout=dropout)
+    ref = torch.nn.LSTM(3, 5, layers, batch_first=True, bidirectional=bidirectional, dropout=dropout, proj_size=proj)
+    ours = GateLSTM(3, 5, layers, batch_first=True, bidirectional=bidirectional, dropout=dropout, proj_size=proj)
     ours.load_state_dict(ref.state_dict())
     x = torch.randn(2, 8, 3)
+    D = 2 if bidirectional else 1
+    h0 = torch.randn(layers * D, 2, proj or 5)
+    c0 = torch.randn(layers * D, 2, 5)
     chunked(ours, 2)
     torch.manual_seed(1)
-    out_r = ref(x)[0]
+    h0_r = h0.clone().requires_grad_()
+    out_r = ref(x, (h0_r, c0))[0]
     out_r.pow(2).sum().backward()
     torch.manual_seed(1)
-    out, _, trace = ours(x, return_gates=True)
+    h0_o = h0.clone().requires_grad_()
+    out, _, trace = ours(x, (h0_o, c0), return_gates=True)
     out.pow(2).sum().backward()
+    torch.testing.assert_close(h0_o.grad, h0_r.grad, atol=1e-5, rtol=1e-5)
     assert sorted(kernel_calls) == sorted([3, 3, 2] * (layers * (2 if bidirectional else 1))), "copied out, 3 a call"
     torch.testing.assert_close(out, out_r, atol=1e-6, rtol=0)
     for p, p_r in zip(ours.parameters(), ref.parameters()):
@@ -176,7 +192,7 @@ def test_kernel_gates_train_mode_gradients_and_dropout(kernel_calls, layers, bid
     assert trace.reconstruction_error < 1e-5 and not trace.cell.requires_grad
     if layers == 1:
         with torch.no_grad():
-            _, _, ref_trace = reference_lstm(ours, x)
+            _, _, ref_trace = reference_lstm(ours, x, (h0, c0))
         assert_trace_close(trace, ref_trace)
 
 
@@ -326,10 +342,9 @@ def test_kernel_gates_in_inference_mode_then_outside(kernel_calls, bidirectional
     assert len(kernel_calls) == 4 * (4 if bidirectional else 1)  # 2 directions x 2 calls of 3 steps
 
 
-@pytest.mark.parametrize("case", ["float64", "proj_size", "packed", "autocast", "lengths_with_graph"])
+@pytest.mark.parametrize("case", ["float64", "packed", "autocast", "lengths_with_graph"])
 def test_recovery_path_where_the_kernel_does_not_apply(kernel_calls, case):
-    kwargs = {"proj_size": 2} if case == "proj_size" else {}
-    ours = model(num_layers=2, seed=10, **kwargs)
+    ours = model(num_layers=2, seed=10, proj_size=2)
     x = torch.randn(3, 6, 3)
     if case == "float64":
         ours, x = ours.double(), x.double()
