@@ -181,6 +181,9 @@ def main() -> None:
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, reps {args.reps}, "
           f"THP_MEM_ALLOC_ENABLE={os.environ['THP_MEM_ALLOC_ENABLE']}, {args.clock} clock, load average at start "
           f"{os.getloadavg()[0]:.2f}")
+    allocator = [f"{k}={os.environ[k]}" for k in ("GLIBC_TUNABLES", "LD_PRELOAD", "OMP_WAIT_POLICY") if k in os.environ]
+    if allocator:  # settings that move these ratios (heap reuse of the kernel's workspace; spinning threads)
+        print("environment: " + ", ".join(allocator))
     summary = []
     for size, variant in itertools.product(args.sizes.split(","), args.variants.split(",")):
         b, t, i, h = (int(v) for v in size.split("x"))
