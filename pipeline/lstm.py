@@ -886,11 +886,18 @@ class GateLSTM(_Traced, nn.LSTM):
             # is written in place, as every layer's output is without a graph)
             shared = L == 1 and not graph
             bufs = _buffers(x, gates=(L * D, T, B, 4, H), cell=(L * D, T, B, H),
-                            **({"output": (T, B, D * P)} if shared else {"hidden": (L * D, T, B, P)}))
+                            **({"output": (T, B, D * P)} if shared else {"hidden": (L * D, T, B, P)}),
+                            **({"unprojected": (T, B, H)} if self.proj_size and not graph else {}))
             gates, cell = bufs["gates"], bufs["cell"]
             layer_out = bufs["output"] if shared else None if graph else x.new_empty(T, B, D * P)
             hidden = layer_out.view(T, B, D, P).permute(2, 0, 1, 3) if shared else bufs["hidden"]
         h_n, c_n, projections = [], [], []
+
+        def project(m: Tensor, w_hr: Tensor) -> Tensor:  # (..., H) -> (..., P): W_hr m, differentiable with a graph
+            if graph:
+                return F.linear(m, w_hr)
+            return _linear(m.reshape(-1, H), w_hr, w_hr.new_zeros(P)).view(*m.shape[:-1], P)
+
         inp = prep(x).contiguous()
         with torch.enable_grad():
             for k in range(L):
@@ -917,7 +924,7 @@ class GateLSTM(_Traced, nn.LSTM):
                         out, h_last, c_last, gates, cell = res
                         cell[-1].copy_(c_last)  # the kernel's last cell is in c_n only
                         if w_hr is not None:
-                            out, h_last = F.linear(out, w_hr), F.linear(h_last, w_hr)
+                            out, h_last = project(out, w_hr), project(h_last, w_hr)
                         gates, cell, hidden = gates[None], cell[None], out[None]
                     else:
                         gathered = d and rev is not None  # reversed within each length, run forwards
@@ -926,15 +933,17 @@ class GateLSTM(_Traced, nn.LSTM):
                             src, w, h0 = _projected(src, w, h0, w_hr, first=T - 1 if d and not gathered else 0)
                         part = None if graph else layer_out[..., d * P : (d + 1) * P]
                         direct = w_hr is None  # the kernel's output is the layer's: written where it belongs
+                        # (else every m_t goes to one scratch buffer, projected below)
+                        into = (part if not gathered else None) if direct else None if graph else bufs["unprojected"]
                         res = _kernel_direction(src, h0, c0, w, self.bias, d == 1, chunk, gates[e], cell[e],
                                                 None if not direct or (L == 1 and part is not None) else hidden[e],
-                                                rev if gathered else None, part if direct and not gathered else None)
+                                                rev if gathered else None, into)
                         if res is None:
                             _KERNEL_GATES = False
                             return None
                         out, (h_last, c_last) = res
                         if w_hr is not None:
-                            out, h_last = F.linear(out, w_hr), F.linear(h_last, w_hr)
+                            out, h_last = project(out, w_hr), project(h_last, w_hr)
                         if gathered:
                             out = torch.gather(out, 0, _time_index(rev, out))  # rev is its own inverse
                         if part is not None and (gathered or not direct):
