@@ -328,12 +328,14 @@ def test_lengths_errors():
 @pytest.mark.slow  # compiling takes 15-90 s on a 2-core CPU (cold cache)
 def test_torch_compile_trains_and_traces():
     """Dynamo graph-breaks on nn.LSTM and its subclasses, so the fused call runs eagerly between compiled
-    graphs: compiled gradients equal eager ones, and return_gates works inside a compiled model."""
+    graphs: compiled gradients equal eager ones, and return_gates works inside a compiled model (bidirectional:
+    the reverse direction's reordering, which once failed to trace with symbolic sizes)."""
 
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
-            self.inp, self.lstm, self.head = nn.Linear(3, 4), GateLSTM(4, 6, 2, batch_first=True), nn.Linear(6, 2)
+            self.inp, self.head = nn.Linear(3, 4), nn.Linear(12, 2)
+            self.lstm = GateLSTM(4, 6, 2, batch_first=True, bidirectional=True)
 
         def forward(self, x, gates: bool = False):
             result = self.lstm(torch.tanh(self.inp(x)), return_gates=gates)

@@ -10,6 +10,7 @@ so carrying the state across calls is exercised) and each call's rows are copied
 import copy
 import importlib.util
 import pickle
+import threading
 from pathlib import Path
 
 import pytest
@@ -323,6 +324,57 @@ def test_copied_traces_reuse_buffers_only_when_dropped(kernel_calls, monkeypatch
         torch.testing.assert_close(kept_cell, expected[1][2].cell[1], atol=0, rtol=0)
         torch.testing.assert_close(kept_out, expected[1][0], atol=0, rtol=0)
         assert_trace_close(trace2, expected[0][2], atol=0)
+
+
+@pytest.mark.parametrize("kwargs", [{"proj_size": 2, "num_layers": 2}, {"bidirectional": True, "num_layers": 2}])
+def test_concurrent_traced_calls_never_share_buffers(kernel_calls, kwargs):
+    """Two threads tracing with one module, on the copying path (pooled buffers, and with projections a pooled
+    scratch buffer): every output and trace equals the one computed alone. A call's buffers reach the pool only
+    after its trace is built, so another thread never takes a buffer still being written."""
+    ours = model(seed=15, **kwargs)
+    chunked(ours, 8)
+    inputs = [torch.randn(8, 40, 3, generator=torch.Generator().manual_seed(k)) for k in range(2)]
+    with torch.no_grad():
+        alone = [ours(x, return_gates=True) for x in inputs]
+    failures = []
+
+    def worker(k):
+        with torch.no_grad():
+            for _ in range(40):
+                out, _, trace = ours(inputs[k], return_gates=True)
+                if not (torch.equal(out, alone[k][0]) and torch.equal(trace.cell, alone[k][2].cell)
+                        and torch.equal(trace.input_gate, alone[k][2].input_gate)):
+                    failures.append(k)
+                del out, trace
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    assert len(kernel_calls) > 80 and failures == []
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_projections_give_a_zero_h0_its_gradient(kernel_calls, bidirectional):
+    """A zero h_0 (or a zero slice of one) adds nothing to the first step, but its gradient is not zero: with a
+    graph it still enters through the first step's input, and gets nn.LSTM's gradient."""
+    torch.manual_seed(16)
+    ref = torch.nn.LSTM(3, 5, 2, batch_first=True, bidirectional=bidirectional, proj_size=3)
+    ours = GateLSTM(3, 5, 2, batch_first=True, bidirectional=bidirectional, proj_size=3)
+    ours.load_state_dict(ref.state_dict())
+    D = 2 if bidirectional else 1
+    x, c0 = torch.randn(2, 6, 3), torch.randn(2 * D, 2, 5)
+    for h0 in (torch.zeros(2 * D, 2, 3), torch.randn(2 * D, 2, 3).index_fill_(0, torch.tensor([0]), 0.0)):
+        grads = []
+        for module, kw in ((ref, {}), (ours, {"return_gates": True})):
+            h = h0.clone().requires_grad_()
+            module(x, (h, c0), **kw)[0].sum().backward()
+            grads.append(h.grad)
+        assert grads[1] is not None and grads[0][0].abs().max() > 1e-4
+        torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
+    assert kernel_calls, "the kernel path ran"
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])
