@@ -11,6 +11,7 @@ import copy
 import importlib.util
 import pickle
 import threading
+import weakref
 from pathlib import Path
 
 import pytest
@@ -324,6 +325,22 @@ def test_copied_traces_reuse_buffers_only_when_dropped(kernel_calls, monkeypatch
         torch.testing.assert_close(kept_cell, expected[1][2].cell[1], atol=0, rtol=0)
         torch.testing.assert_close(kept_out, expected[1][0], atol=0, rtol=0)
         assert_trace_close(trace2, expected[0][2], atol=0)
+
+
+def test_empty_cache_releases_the_pooled_buffers(kernel_calls):
+    """The pool keeps the last copied call's buffers after its trace is dropped; empty_cache() frees them."""
+    if lstm_mod._ALONE is None:
+        pytest.skip("this torch cannot count storage references: nothing is pooled")
+    ours = model(bidirectional=True, seed=17)
+    x = torch.randn(4, 6, 3)
+    with torch.no_grad():
+        expected = ours(x, return_gates=True)[2].cell.clone()  # the result is dropped: its buffers wait in the pool
+        pooled = [weakref.ref(b) for b in lstm_mod._POOL.values()]
+        assert len(pooled) == 3  # gates, cell, output
+        lstm_mod.empty_cache()
+        assert lstm_mod._POOL == {} and all(ref() is None for ref in pooled)
+        trace = ours(x, return_gates=True)[2]
+    torch.testing.assert_close(trace.cell, expected, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("kwargs", [{"proj_size": 2, "num_layers": 2}, {"bidirectional": True, "num_layers": 2}])
