@@ -877,7 +877,7 @@ class GateLSTM(_Traced, nn.LSTM):
         with oneDNN on, a padded or dense input (not a PackedSequence), outside torch.compile and autocast; with
         lengths= only without a graph and without inter-layer dropout (the recovery path draws that on packed
         data, as the untraced pass does). With projections too (nn.LSTM itself has no oneDNN path for them): see
-        `_projected_weights`."""
+        `_projected`."""
         if not (_KERNEL_GATES and torch.backends.mkldnn.enabled) or isinstance(input, PackedSequence):
             return False
         tensors = [input, *hx, *self._flat_weights]
@@ -967,10 +967,12 @@ class GateLSTM(_Traced, nn.LSTM):
                             src, w, h0 = _projected(src, w, h0, w_hr, first=T - 1 if d and not gathered else 0)
                         part = None if graph else layer_out[..., d * P : (d + 1) * P]
                         direct = w_hr is None  # the kernel's output is the layer's: written where it belongs
-                        # (else every m_t goes to one scratch buffer, projected below)
-                        into = (part if not gathered else None) if direct else None if graph else bufs["unprojected"]
+                        if not direct:  # every m_t to one scratch buffer (no graph), projected below
+                            into = None if graph else bufs["unprojected"]
+                        else:  # a gathered direction's output is in processing order: placed below
+                            into = None if gathered else part
                         res = _kernel_direction(src, h0, c0, w, self.bias, d == 1, chunk, gates[e], cell[e],
-                                                None if not direct or (L == 1 and part is not None) else hidden[e],
+                                                hidden[e] if direct and not shared else None,
                                                 rev if gathered else None, into)
                         if res is None:
                             _KERNEL_GATES = False
@@ -982,7 +984,7 @@ class GateLSTM(_Traced, nn.LSTM):
                             out = torch.gather(out, 0, _time_index(rev, out))  # rev is its own inverse
                         if part is not None and (gathered or not direct):
                             part.copy_(out)
-                        if not direct and not (L == 1 and part is not None):
+                        if not direct and not shared:  # (shared: `hidden` is the output, written above)
                             with torch.no_grad():
                                 hidden[e].copy_(out)
                     outs.append(out)
